@@ -1,0 +1,98 @@
+"""Model configuration: one dataclass whose fields select the decoder family (Llama, Mistral, Qwen2/3, Gemma 1/2)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of a decoder-only transformer; the family name only picks HF export names."""
+
+  vocab_size: int = 256
+  hidden_size: int = 64
+  intermediate_size: int = 172
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 16
+  family: str = "llama"
+  rope_theta: float = 10000.0
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None  # HF rope_parameters minus theta, as sorted items.
+  norm_eps: float = 1e-5
+  norm_offset: bool = False  # Gemma: RMSNorm scales by (1 + w).
+  act: str = "silu"  # 'silu' (SwiGLU) or 'gelu_tanh' (GeGLU).
+  qkv_bias: bool = False  # Qwen2.
+  qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE.
+  embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size).
+  post_norms: bool = False  # Gemma 2: norms after attention and after the MLP.
+  attn_softcap: float | None = None  # Gemma 2: tanh soft-capping of attention scores.
+  final_softcap: float | None = None  # Gemma 2: tanh soft-capping of logits.
+  query_scale: float | None = None  # Gemma 2 query_pre_attn_scalar; default head_dim.
+  sliding_window: int | None = None
+  layer_types: tuple[str, ...] | None = None  # Per layer 'full_attention' | 'sliding_attention'.
+  tie_embeddings: bool = False
+  max_position_embeddings: int = 4096
+  bos_token_id: int | None = None
+  eos_token_id: int | tuple[int, ...] | None = None
+  pad_token_id: int | None = None
+  param_dtype: str = "float32"
+  dtype: str = "float32"  # Matmul dtype (bfloat16 on accelerators); logits and softmax stay float32.
+  remat: str = "none"  # 'none' | 'full' (recompute each layer in the backward) | 'dots' (keep matmul outputs).
+  scan_layers: bool = True  # lax.scan over the stacked layers: compile time independent of depth.
+  attention: str = "auto"  # 'auto' | 'dense' | 'blockwise'.
+  attention_block: int = 128  # Key block size of blockwise attention.
+
+  def __post_init__(self):
+    if self.family not in FAMILIES:
+      raise ValueError(f"model.family={self.family!r}: expected one of {FAMILIES}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.act not in ("silu", "gelu_tanh"):
+      raise ValueError(f"act={self.act!r}: expected 'silu' or 'gelu_tanh'")
+    if self.remat not in ("none", "full", "dots"):
+      raise ValueError(f"remat={self.remat!r}: expected none|full|dots")
+    if self.attention not in ("auto", "dense", "blockwise"):
+      raise ValueError(f"attention={self.attention!r}: expected auto|dense|blockwise")
+    if self.layer_types is not None and len(self.layer_types) != self.num_layers:
+      raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+
+  def window_sizes(self) -> list[int]:
+    """Per-layer attention window in tokens (0 means full attention)."""
+    out = []
+    for i in range(self.num_layers):
+      kind = self.layer_types[i] if self.layer_types else ("sliding_attention" if self.sliding_window else "full_attention")
+      out.append(int(self.sliding_window) if kind == "sliding_attention" and self.sliding_window else 0)
+    return out
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  def num_params(self) -> int:
+    d, f, v, l = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers
+    attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+    per_layer = attn + 3 * d * f + (4 if self.post_norms else 2) * d
+    return v * d * (1 if self.tie_embeddings else 2) + l * per_layer + d
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+  """Tiny named configs for tests, quickstart and benchmarks."""
+  presets = {
+      "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=172, num_layers=2, num_heads=4,
+                   num_kv_heads=2, head_dim=16),
+      "small": dict(vocab_size=512, hidden_size=128, intermediate_size=344, num_layers=4, num_heads=4,
+                    num_kv_heads=2, head_dim=32),
+      # The fixed benchmark workload of issue 8.
+      "bench": dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8,
+                    num_kv_heads=4, head_dim=32, rope_theta=10000.0, norm_eps=1e-5),
+      "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
+                       num_kv_heads=8, head_dim=64, rope_theta=500000.0, tie_embeddings=True,
+                       rope_scaling=(("factor", 32.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                                     ("original_max_position_embeddings", 8192), ("rope_type", "llama3"))),
+  }
+  if name not in presets:
+    raise ValueError(f"model preset {name!r}: expected one of {sorted(presets)}")
+  return ModelConfig(**{**presets[name], **overrides})

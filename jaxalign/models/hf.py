@@ -1,0 +1,324 @@
+"""Hugging Face checkpoint directory <-> jaxalign params.
+
+Loading streams one tensor at a time from memory-mapped safetensors (single file or sharded with an index)
+and places each parameter directly with its target sharding: every device receives only its shard, and the
+host holds at most one parameter at a time. Saving writes safetensors + config.json that `transformers` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Any, Callable, Iterator
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from jaxalign.models.config import FAMILIES, ModelConfig
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
+              "I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
+         "gelu": "gelu_tanh"}
+
+
+# ----------------------------------------------------------------------------------------------- config mapping
+
+def config_from_hf(path_or_config, **overrides) -> ModelConfig:
+  """ModelConfig from an HF checkpoint directory (or a transformers config object)."""
+  import transformers  # Heavy import, only where needed.
+
+  c = path_or_config
+  if isinstance(c, (str, os.PathLike)):
+    if not os.path.exists(os.path.join(c, "config.json")):
+      raise FileNotFoundError(f"{c}: no config.json; model.init must be a Hugging Face checkpoint directory "
+                              "or a jaxalign run directory")
+    c = transformers.AutoConfig.from_pretrained(c)
+  mt = c.model_type
+  if mt not in FAMILIES:
+    raise ValueError(f"model_type {mt!r} is not supported; supported families: {FAMILIES}")
+  if getattr(c, "mlp_bias", False) or (mt in ("llama", "qwen3", "gemma", "gemma2") and getattr(c, "attention_bias", False)):
+    raise NotImplementedError(f"{mt}: attention_bias/mlp_bias checkpoints are not supported")
+  rope = dict(getattr(c, "rope_parameters", None) or {})
+  theta = rope.pop("rope_theta", getattr(c, "rope_theta", 10000.0))
+  rope_type = rope.get("rope_type", "default")
+  scaling = None if rope_type == "default" else tuple(sorted(
+      (k, v) for k, v in rope.items() if v is not None and not isinstance(v, (dict, list))))
+  n_heads = c.num_attention_heads
+  head_dim = getattr(c, "head_dim", None) or c.hidden_size // n_heads
+  act = getattr(c, "hidden_activation", None) or c.hidden_act
+  if act not in _ACTS:
+    raise NotImplementedError(f"{mt}: activation {act!r} is not supported")
+  layer_types = getattr(c, "layer_types", None)
+  window = getattr(c, "sliding_window", None)
+  if mt == "mistral" and window and not layer_types:
+    layer_types = ["sliding_attention"] * c.num_hidden_layers
+  eos = c.eos_token_id if hasattr(c, "eos_token_id") else None
+  kw: dict[str, Any] = dict(
+      family=mt, vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+      num_layers=c.num_hidden_layers, num_heads=n_heads, num_kv_heads=getattr(c, "num_key_value_heads", None) or n_heads,
+      head_dim=head_dim, rope_theta=float(theta), rope_scaling=scaling, norm_eps=c.rms_norm_eps,
+      norm_offset=mt in ("gemma", "gemma2"), act=_ACTS[act], qkv_bias=mt == "qwen2", qk_norm=mt == "qwen3",
+      embed_scale=mt in ("gemma", "gemma2"), post_norms=mt == "gemma2",
+      attn_softcap=getattr(c, "attn_logit_softcapping", None), final_softcap=getattr(c, "final_logit_softcapping", None),
+      query_scale=getattr(c, "query_pre_attn_scalar", None), sliding_window=window if layer_types else None,
+      layer_types=tuple(layer_types) if layer_types and window else None,
+      tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+      max_position_embeddings=getattr(c, "max_position_embeddings", 4096),
+      bos_token_id=getattr(c, "bos_token_id", None), eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+      pad_token_id=getattr(c, "pad_token_id", None))
+  kw.update(overrides)
+  return ModelConfig(**kw)
+
+
+def config_to_hf(cfg: ModelConfig, *, sequence_classification: bool = False):
+  """A transformers config object for `cfg`."""
+  import transformers
+
+  rope = {"rope_theta": cfg.rope_theta, **dict(cfg.rope_scaling or ())}
+  rope.setdefault("rope_type", "default")
+  act = "gelu_pytorch_tanh" if cfg.act == "gelu_tanh" else "silu"
+  kw: dict[str, Any] = dict(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+      head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps, rope_parameters=rope, tie_word_embeddings=cfg.tie_embeddings,
+      max_position_embeddings=cfg.max_position_embeddings, bos_token_id=cfg.bos_token_id,
+      eos_token_id=list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id,
+      pad_token_id=cfg.pad_token_id)
+  if cfg.family in ("gemma", "gemma2"):
+    kw["hidden_activation"] = act
+  kw["hidden_act"] = act
+  if cfg.family in ("mistral", "qwen2", "gemma2"):
+    kw["sliding_window"] = cfg.sliding_window
+  if cfg.family in ("qwen2", "qwen3", "gemma2"):
+    kw["layer_types"] = list(cfg.layer_types) if cfg.layer_types else ["full_attention"] * cfg.num_layers
+    if cfg.family in ("qwen2", "qwen3"):
+      kw["use_sliding_window"] = bool(cfg.sliding_window and cfg.layer_types)
+  if cfg.family == "gemma2":
+    kw.update(query_pre_attn_scalar=cfg.query_scale or cfg.head_dim, attn_logit_softcapping=cfg.attn_softcap,
+              final_logit_softcapping=cfg.final_softcap)
+  if sequence_classification:
+    kw["num_labels"] = 1
+  c = transformers.AutoConfig.for_model(cfg.family, **kw)
+  arch = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma",
+          "gemma2": "Gemma2"}[cfg.family]
+  c.architectures = [arch + ("ForSequenceClassification" if sequence_classification else "ForCausalLM")]
+  c.dtype = cfg.param_dtype
+  return c
+
+
+# ----------------------------------------------------------------------------------------------- name mapping
+
+def _layer_map(cfg: ModelConfig) -> dict[str, tuple[str, Callable]]:
+  """Our stacked layer param -> (HF per-layer suffix, transform HF->ours)."""
+  d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  m = {
+      "attn_norm": ("input_layernorm.weight", lambda w: w),
+      "wq": ("self_attn.q_proj.weight", lambda w: w.T.reshape(d, n, h)),
+      "wk": ("self_attn.k_proj.weight", lambda w: w.T.reshape(d, k, h)),
+      "wv": ("self_attn.v_proj.weight", lambda w: w.T.reshape(d, k, h)),
+      "wo": ("self_attn.o_proj.weight", lambda w: w.T.reshape(n, h, d)),
+      "w_gate": ("mlp.gate_proj.weight", lambda w: w.T),
+      "w_up": ("mlp.up_proj.weight", lambda w: w.T),
+      "w_down": ("mlp.down_proj.weight", lambda w: w.T),
+  }
+  if cfg.post_norms:  # Gemma 2 naming.
+    m["post_attn_norm"] = ("post_attention_layernorm.weight", lambda w: w)
+    m["mlp_norm"] = ("pre_feedforward_layernorm.weight", lambda w: w)
+    m["post_mlp_norm"] = ("post_feedforward_layernorm.weight", lambda w: w)
+  else:
+    m["mlp_norm"] = ("post_attention_layernorm.weight", lambda w: w)
+  if cfg.qkv_bias:
+    m["bq"] = ("self_attn.q_proj.bias", lambda w: w.reshape(n, h))
+    m["bk"] = ("self_attn.k_proj.bias", lambda w: w.reshape(k, h))
+    m["bv"] = ("self_attn.v_proj.bias", lambda w: w.reshape(k, h))
+  if cfg.qk_norm:
+    m["q_norm"] = ("self_attn.q_norm.weight", lambda w: w)
+    m["k_norm"] = ("self_attn.k_norm.weight", lambda w: w)
+  return m
+
+
+def _inverse(cfg: ModelConfig, name: str, w: np.ndarray) -> np.ndarray:
+  """Ours -> HF layout for one layer's slice of a stacked param."""
+  if name in ("wq", "wk", "wv"):
+    return w.reshape(w.shape[0], -1).T
+  if name == "wo":
+    return w.reshape(-1, w.shape[-1]).T
+  if name in ("w_gate", "w_up", "w_down"):
+    return w.T
+  if name in ("bq", "bk", "bv"):
+    return w.reshape(-1)
+  return w
+
+
+def hf_names(cfg: ModelConfig) -> dict[tuple[str, ...], list[str]]:
+  """Flat param path -> the HF tensor names that make it (one per layer for stacked params)."""
+  out = {("embed",): ["model.embed_tokens.weight"], ("final_norm",): ["model.norm.weight"]}
+  if not cfg.tie_embeddings:
+    out[("lm_head",)] = ["lm_head.weight"]
+  for ours, (suffix, _) in _layer_map(cfg).items():
+    out[("layers", ours)] = [f"model.layers.{i}.{suffix}" for i in range(cfg.num_layers)]
+  return out
+
+
+# ----------------------------------------------------------------------------------------------- safetensors IO
+
+class SafetensorsDir:
+  """Memory-mapped tensors of a checkpoint directory, by name (single file or index-sharded)."""
+
+  def __init__(self, path: str):
+    self.path = path
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(index):
+      with open(index) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(single):
+      files = ["model.safetensors"]
+    else:
+      raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
+                              "(only safetensors checkpoints are supported; convert .bin with transformers)")
+    self._where: dict[str, tuple[str, dict, int]] = {}
+    for fn in files:
+      full = os.path.join(path, fn)
+      with open(full, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+      header.pop("__metadata__", None)
+      for name, info in header.items():
+        self._where[name] = (full, info, 8 + n)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._where
+
+  def names(self) -> list[str]:
+    return list(self._where)
+
+  def get(self, name: str) -> np.ndarray:
+    if name not in self._where:
+      raise KeyError(f"{self.path}: tensor {name!r} not found in the checkpoint")
+    full, info, base = self._where[name]
+    start, end = info["data_offsets"]
+    dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+    return np.memmap(full, dtype=dtype, mode="r", offset=base + start, shape=tuple(info["shape"]))
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
+  header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+  offset = 0
+  for name, arr in tensors.items():
+    nbytes = arr.size * arr.dtype.itemsize
+    header[name] = {"dtype": _ST_NAMES[np.dtype(arr.dtype)], "shape": list(arr.shape),
+                    "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  raw = json.dumps(header, separators=(",", ":")).encode()
+  raw += b" " * (-len(raw) % 8)
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for arr in tensors.values():
+      f.write(np.ascontiguousarray(arr).tobytes())
+
+
+# ----------------------------------------------------------------------------------------------- load / save
+
+def _flat(tree, prefix=()) -> Iterator[tuple[tuple[str, ...], Any]]:
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      yield from _flat(v, prefix + (k,))
+  else:
+    yield prefix, tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value):
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def load_params(path: str, cfg: ModelConfig, shardings=None, *, dtype=None) -> dict:
+  """Params of `cfg` from the HF directory `path`, each placed with its sharding (a matching tree)."""
+  import jax.numpy as jnp
+
+  st = SafetensorsDir(path)
+  dtype = np.dtype(dtype or cfg.param_dtype)
+  layer_map = _layer_map(cfg)
+  flat_shardings = dict(_flat(shardings)) if shardings is not None else {}
+  params: dict = {}
+  for ours, names in hf_names(cfg).items():
+    if ours[0] == "layers":
+      fn = layer_map[ours[1]][1]
+      host = np.stack([np.asarray(fn(st.get(n)), dtype=dtype) for n in names])
+    elif ours == ("lm_head",) and names[0] not in st:
+      raise KeyError(f"{path}: lm_head.weight missing and tie_word_embeddings is false")
+    else:
+      w = np.asarray(st.get(names[0]), dtype=dtype)
+      host = w.T if ours == ("lm_head",) else w
+    sharding = flat_shardings.get(ours)
+    if sharding is None:
+      arr = jnp.asarray(host)
+    else:
+      arr = jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx])
+    _set(params, ours, arr)
+    del host
+  return params
+
+
+def _to_host(x) -> np.ndarray:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x)
+
+
+def hf_tensors(cfg: ModelConfig, params: dict, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF name, host array) pairs, one tensor at a time."""
+  flat = dict(_flat(params))
+  dtype = np.dtype(dtype or cfg.param_dtype)
+  for ours, names in hf_names(cfg).items():
+    host = _to_host(flat[ours]).astype(dtype)
+    if ours[0] == "layers":
+      for i, n in enumerate(names):
+        yield n, np.ascontiguousarray(_inverse(cfg, ours[1], host[i]))
+    else:
+      yield names[0], np.ascontiguousarray(host.T if ours == ("lm_head",) else host)
+
+
+def save_params(path: str, cfg: ModelConfig, params: dict, *, head: dict | None = None, dtype=None,
+                max_shard_bytes: int = 4 << 30, tokenizer=None):
+  """Write an HF checkpoint directory; with `head` (scalar head params) a SequenceClassification model."""
+  os.makedirs(path, exist_ok=True)
+  seqcls = head is not None
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  tensors = hf_tensors(cfg, params, dtype)
+  if seqcls:  # The classification model has no LM head; add the score layer.
+    tensors = ((n, w) for n, w in tensors if n != "lm_head.weight")
+  for name, arr in tensors:
+    if size and size + arr.nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][name] = arr
+    size += arr.nbytes
+  if seqcls:
+    w = _to_host(head["w"]).astype(dtype or cfg.param_dtype).reshape(1, -1)
+    shards[-1]["score.weight"] = w
+  if jax.process_index() == 0:
+    if len(shards) == 1:
+      write_safetensors(os.path.join(path, "model.safetensors"), shards[0])
+    else:
+      weight_map, total = {}, 0
+      for i, sh in enumerate(shards):
+        fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(os.path.join(path, fn), sh)
+        for n, a in sh.items():
+          weight_map[n] = fn
+          total += a.nbytes
+      with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    config_to_hf(cfg, sequence_classification=seqcls).save_pretrained(path)
+    if tokenizer is not None:
+      tokenizer.save_pretrained(path)

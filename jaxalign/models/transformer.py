@@ -1,0 +1,289 @@
+"""One decoder-only transformer for the Llama, Mistral, Qwen2/3 and Gemma 1/2 families.
+
+Einsum letters: B batch, T query length, S key/cache length, D hidden, F MLP width, V vocab, L layers,
+N query heads, K kv heads, H head dim.
+
+Layers are stored stacked ([L, ...] leaves) whether or not they are scanned, so checkpoints and HF mapping
+have one layout; `scan_layers` only changes how the forward is traced. Parameters are kept in
+`param_dtype` and cast to `dtype` at use; norms, softmax and logits are float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxalign.models.attention import dense_attention, make_mask
+from jaxalign.models.config import ModelConfig
+
+
+class KVCache(NamedTuple):
+  """Preallocated decode cache; `index` is the next slot to write (shared by all rows)."""
+
+  k_LBSKH: jax.Array
+  v_LBSKH: jax.Array
+  seg_BS: jax.Array  # 0 = empty or padding.
+  pos_BS: jax.Array
+  index: jax.Array  # int32 scalar.
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), jnp.int32),
+                 jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def _param(rngs, shape, axes, dtype, init="normal"):
+  if init == "normal":
+    value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
+  elif init == "ones":
+    value = jnp.ones(shape, jnp.float32)
+  else:
+    value = jnp.zeros(shape, jnp.float32)
+  return nnx.Param(value.astype(dtype), axes=axes)
+
+
+class Transformer(nnx.Module):
+  """Decoder with stacked layers; `__call__` returns float32 logits and the updated cache."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    d, f, v, l = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_layers
+    n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    norm_init = "zeros" if cfg.norm_offset else "ones"
+    self.embed = _param(rngs, (v, d), ("vocab", "embed"), pd)
+    layers = dict(
+        attn_norm=_param(rngs, (l, d), ("layers", "norm"), pd, norm_init),
+        wq=_param(rngs, (l, d, n, h), ("layers", "embed", "heads", "head_dim"), pd),
+        wk=_param(rngs, (l, d, k, h), ("layers", "embed", "kv_heads", "head_dim"), pd),
+        wv=_param(rngs, (l, d, k, h), ("layers", "embed", "kv_heads", "head_dim"), pd),
+        wo=_param(rngs, (l, n, h, d), ("layers", "heads", "head_dim", "embed"), pd),
+        mlp_norm=_param(rngs, (l, d), ("layers", "norm"), pd, norm_init),
+        w_gate=_param(rngs, (l, d, f), ("layers", "embed", "mlp"), pd),
+        w_up=_param(rngs, (l, d, f), ("layers", "embed", "mlp"), pd),
+        w_down=_param(rngs, (l, f, d), ("layers", "mlp", "embed"), pd),
+    )
+    if cfg.qkv_bias:
+      layers.update(bq=_param(rngs, (l, n, h), ("layers", "heads", "head_dim"), pd, "zeros"),
+                    bk=_param(rngs, (l, k, h), ("layers", "kv_heads", "head_dim"), pd, "zeros"),
+                    bv=_param(rngs, (l, k, h), ("layers", "kv_heads", "head_dim"), pd, "zeros"))
+    if cfg.qk_norm:
+      layers.update(q_norm=_param(rngs, (l, h), ("layers", "norm"), pd, norm_init),
+                    k_norm=_param(rngs, (l, h), ("layers", "norm"), pd, norm_init))
+    if cfg.post_norms:
+      layers.update(post_attn_norm=_param(rngs, (l, d), ("layers", "norm"), pd, norm_init),
+                    post_mlp_norm=_param(rngs, (l, d), ("layers", "norm"), pd, norm_init))
+    self.layers = nnx.Dict(layers)
+    self.final_norm = _param(rngs, (d,), ("norm",), pd, norm_init)
+    if not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, (d, v), ("embed", "vocab"), pd)
+
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache: KVCache | None = None):
+    h_BTD, cache = self.hidden_states(tokens_BT, positions_BT, segment_ids_BT, cache)
+    return self.logits(h_BTD), cache
+
+  def logits(self, h_BTD) -> jax.Array:
+    """Final-normed hidden states -> float32 logits (soft-capped for Gemma 2)."""
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    if cfg.tie_embeddings:
+      logits_BTV = jnp.einsum("btd,vd->btv", h_BTD.astype(dt), self.embed[...].astype(dt),
+                              preferred_element_type=jnp.float32)
+    else:
+      logits_BTV = jnp.einsum("btd,dv->btv", h_BTD.astype(dt), self.lm_head[...].astype(dt),
+                              preferred_element_type=jnp.float32)
+    if cfg.final_softcap:
+      logits_BTV = jnp.tanh(logits_BTV / cfg.final_softcap) * cfg.final_softcap
+    return logits_BTV
+
+  def hidden_states(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache: KVCache | None = None):
+    """Token ids -> final-normed hidden states [B, T, D] (float32) and the updated cache."""
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    b, t = tokens_BT.shape
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones((b, t), jnp.int32)
+    x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
+    if cfg.embed_scale:
+      x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
+    sin_BTH, cos_BTH = rope_tables(cfg, positions_BT)
+
+    if cache is None:
+      q_slot_T = jnp.arange(t, dtype=jnp.int32)
+      k_seg, k_pos, k_slot = segment_ids_BT, positions_BT, q_slot_T
+    else:
+      q_slot_T = cache.index + jnp.arange(t, dtype=jnp.int32)
+      k_seg = jax.lax.dynamic_update_slice(cache.seg_BS, segment_ids_BT.astype(jnp.int32), (0, cache.index))
+      k_pos = jax.lax.dynamic_update_slice(cache.pos_BS, positions_BT.astype(jnp.int32), (0, cache.index))
+      k_slot = jnp.arange(cache.seg_BS.shape[1], dtype=jnp.int32)
+    mask_args = (segment_ids_BT, q_slot_T, positions_BT, k_seg, k_slot, k_pos)
+    windows_L = jnp.asarray(cfg.window_sizes(), jnp.int32)
+    layer_params = {name: p[...] for name, p in self.layers.items()}
+
+    def body(x_BTD, layer):
+      p, window, kv = layer
+      x_BTD, kv = _block(cfg, p, x_BTD, sin_BTH, cos_BTH, mask_args, window, kv, cache)
+      return x_BTD, kv
+
+    if cfg.remat != "none":
+      policy = (jax.checkpoint_policies.checkpoint_dots if cfg.remat == "dots"
+                else jax.checkpoint_policies.nothing_saveable)
+      body = jax.checkpoint(body, policy=policy, prevent_cse=not cfg.scan_layers)
+
+    kv_in = (cache.k_LBSKH, cache.v_LBSKH) if cache is not None else None
+    if cfg.scan_layers:
+      x_BTD, kv_out = jax.lax.scan(body, x_BTD, (layer_params, windows_L, kv_in))
+    else:
+      outs = []
+      for i in range(cfg.num_layers):
+        sl = jax.tree.map(lambda a: a[i], (layer_params, windows_L, kv_in))
+        x_BTD, kv = body(x_BTD, sl)
+        outs.append(kv)
+      kv_out = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    h_BTD = rms_norm(x_BTD, self.final_norm[...], cfg)
+    if cache is not None:
+      cache = KVCache(kv_out[0], kv_out[1], k_seg, k_pos, cache.index + t)
+    return h_BTD, cache
+
+
+def rms_norm(x, w, cfg: ModelConfig):
+  """RMSNorm in float32; Gemma's variant scales by (1 + w)."""
+  dtype = x.dtype
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+  w32 = w.astype(jnp.float32)
+  scale = 1.0 + w32 if cfg.norm_offset else w32
+  return (x32 * scale).astype(dtype)
+
+
+def inv_frequencies(cfg: ModelConfig) -> np.ndarray:
+  """RoPE inverse frequencies, with HF's 'linear' and 'llama3' scaling."""
+  h = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
+  sc = dict(cfg.rope_scaling or ())
+  kind = sc.get("rope_type", sc.get("type", "default"))
+  if kind == "default":
+    return inv.astype(np.float32)
+  if kind == "linear":
+    return (inv / sc["factor"]).astype(np.float32)
+  if kind == "llama3":
+    factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+    old = sc["original_max_position_embeddings"]
+    wavelen = 2 * np.pi / inv
+    scaled = np.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+  raise NotImplementedError(f"rope_type={kind!r} is not supported (default, linear, llama3 are)")
+
+
+def rope_tables(cfg: ModelConfig, positions_BT):
+  inv_H2 = jnp.asarray(inv_frequencies(cfg))
+  ang_BTH2 = positions_BT.astype(jnp.float32)[..., None] * inv_H2
+  ang_BTH = jnp.concatenate([ang_BTH2, ang_BTH2], axis=-1)
+  return jnp.sin(ang_BTH), jnp.cos(ang_BTH)
+
+
+def apply_rope(x_BTNH, sin_BTH, cos_BTH):
+  """Rotate-half RoPE (the HF convention), in float32."""
+  x = x_BTNH.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  out = x * cos_BTH[:, :, None, :] + rot * sin_BTH[:, :, None, :]
+  return out.astype(x_BTNH.dtype)
+
+
+def _act(cfg: ModelConfig, x):
+  return jax.nn.silu(x) if cfg.act == "silu" else jax.nn.gelu(x, approximate=True)
+
+
+def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_args, window, kv, cache):
+  dt = x_BTD.dtype
+  c = lambda name: p[name].astype(dt)  # noqa: E731
+  h_BTD = rms_norm(x_BTD, p["attn_norm"], cfg)
+  q_BTNH = jnp.einsum("btd,dnh->btnh", h_BTD, c("wq"))
+  k_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, c("wk"))
+  v_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, c("wv"))
+  if cfg.qkv_bias:
+    q_BTNH, k_BTKH, v_BTKH = q_BTNH + c("bq"), k_BTKH + c("bk"), v_BTKH + c("bv")
+  if cfg.qk_norm:
+    q_BTNH, k_BTKH = rms_norm(q_BTNH, p["q_norm"], cfg), rms_norm(k_BTKH, p["k_norm"], cfg)
+  q_BTNH = apply_rope(q_BTNH, sin_BTH, cos_BTH)
+  k_BTKH = apply_rope(k_BTKH, sin_BTH, cos_BTH)
+  if cache is not None:
+    k_all, v_all = kv
+    k_all = jax.lax.dynamic_update_slice(k_all, k_BTKH.astype(k_all.dtype), (0, cache.index, 0, 0))
+    v_all = jax.lax.dynamic_update_slice(v_all, v_BTKH.astype(v_all.dtype), (0, cache.index, 0, 0))
+    kv = (k_all, v_all)
+    k_use, v_use = k_all.astype(dt), v_all.astype(dt)
+  else:
+    k_use, v_use = k_BTKH, v_BTKH
+  mask_BTS = make_mask(*mask_args, window)
+  scale = (cfg.query_scale or cfg.head_dim) ** -0.5
+  o_BTNH = attend(cfg, q_BTNH, k_use, v_use, mask_BTS, scale)
+  o_BTD = jnp.einsum("btnh,nhd->btd", o_BTNH, c("wo"))
+  if cfg.post_norms:
+    o_BTD = rms_norm(o_BTD, p["post_attn_norm"], cfg)
+  x_BTD = x_BTD + o_BTD
+  h_BTD = rms_norm(x_BTD, p["mlp_norm"], cfg)
+  g_BTF = _act(cfg, jnp.einsum("btd,df->btf", h_BTD, c("w_gate"))) * jnp.einsum("btd,df->btf", h_BTD, c("w_up"))
+  m_BTD = jnp.einsum("btf,fd->btd", g_BTF, c("w_down"))
+  if cfg.post_norms:
+    m_BTD = rms_norm(m_BTD, p["post_mlp_norm"], cfg)
+  return x_BTD + m_BTD, kv
+
+
+def attend(cfg: ModelConfig, q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale):
+  """Dispatch to the configured attention kernel."""
+  return dense_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale=scale, softcap=cfg.attn_softcap)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Functional boundary: a graph definition (static) and a plain dict of arrays (the params pytree).
+
+
+@functools.lru_cache(maxsize=64)
+def graphdef(cfg: ModelConfig):
+  """The static half of the model, from shapes only (no parameter is materialised)."""
+  g, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  return g
+
+
+def abstract_params(cfg: ModelConfig):
+  """ShapeDtypeStructs of the params and their logical axis names, without allocating."""
+  _, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+  shapes = nnx.to_pure_dict(state)
+  is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+  axes = jax.tree.map(lambda v: v.get_metadata()["axes"], state, is_leaf=is_var)
+  return shapes, nnx.to_pure_dict(axes)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
+  """Fresh params as a plain dict; jit it with out_shardings to create them sharded."""
+  _, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(params=rng)))
+  return nnx.to_pure_dict(state)
+
+
+def bind(cfg: ModelConfig, params: dict) -> Transformer:
+  """Params pytree -> module (cheap: inside jit it only re-wraps tracers)."""
+  return nnx.merge(graphdef(cfg), params)
+
+
+def forward(cfg: ModelConfig, params, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None):
+  """Pure forward: float32 logits [B, T, V] and the updated cache."""
+  return bind(cfg, params)(tokens_BT, positions_BT, segment_ids_BT, cache)
+
+
+def hidden_states(cfg: ModelConfig, params, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None):
+  return bind(cfg, params).hidden_states(tokens_BT, positions_BT, segment_ids_BT, cache)

@@ -1,0 +1,133 @@
+"""Device mesh from config and the one table that maps logical axis names to mesh axes.
+
+Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with sharded params and optimizer state),
+`tensor` (Megatron-style model parallel over heads, MLP width and vocab). Batches shard over (data, fsdp).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import jax
+from jax.experimental import mesh_utils
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")
+
+# Logical axis -> mesh axes. A dimension not divisible by its mesh axes is replicated (logged once).
+RULES: dict[str, Any] = {
+    "batch": BATCH,
+    "length": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "norm": None,
+    "layers": None,
+    "lora_rank": None,
+    "scalar": None,
+}
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Mesh with axes (data, fsdp, tensor); one size may be -1 for 'the remaining devices'."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = {"data": int(data), "fsdp": int(fsdp), "tensor": int(tensor)}
+  free = [k for k, v in sizes.items() if v == -1]
+  if len(free) > 1:
+    raise ValueError(f"mesh: only one of mesh.data/fsdp/tensor may be -1, got {sizes}")
+  known = math.prod(v for v in sizes.values() if v != -1)
+  if any(v == 0 or v < -1 for v in sizes.values()):
+    raise ValueError(f"mesh: sizes must be positive or -1, got {sizes}")
+  if free:
+    if len(devices) % known:
+      raise ValueError(f"mesh: {len(devices)} devices are not divisible by the fixed axes {sizes} (product {known})")
+    sizes[free[0]] = len(devices) // known
+  total = math.prod(sizes.values())
+  if total != len(devices):
+    raise ValueError(f"mesh: mesh.data x mesh.fsdp x mesh.tensor = {sizes['data']} x {sizes['fsdp']} x "
+                     f"{sizes['tensor']} = {total} does not match the {len(devices)} available devices")
+  try:
+    dev = mesh_utils.create_device_mesh(
+        (sizes["data"], sizes["fsdp"], sizes["tensor"]), devices=devices)
+  except Exception:  # Non-TPU topologies or odd device lists: plain row-major order.
+    dev = np.asarray(devices).reshape(sizes["data"], sizes["fsdp"], sizes["tensor"])
+  return Mesh(dev, MESH_AXES)
+
+
+def mesh_from_config(mesh_cfg) -> Mesh:
+  return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+
+
+def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=None, name: str = "?") -> P:
+  """PartitionSpec for one array from its logical axis names."""
+  rules = RULES if rules is None else rules
+  if len(axes) != len(shape):
+    raise ValueError(f"param {name}: {len(axes)} logical axes {tuple(axes)} for shape {tuple(shape)}")
+  out, used = [], set()
+  for ax, dim in zip(axes, shape):
+    if ax is None:
+      out.append(None)
+      continue
+    if ax not in rules:
+      raise KeyError(f"param {name}: logical axis {ax!r} matches no sharding rule (known: {sorted(rules)})")
+    mesh_axes = rules[ax]
+    if mesh_axes is None:
+      out.append(None)
+      continue
+    mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+    mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
+    size = math.prod(mesh.shape[a] for a in mesh_axes)
+    if not mesh_axes or dim % size:
+      if mesh_axes:
+        logging.info("param %s: dim %s (%s) not divisible by mesh %s; replicated", name, dim, ax, mesh_axes)
+      out.append(None)
+      continue
+    used.update(mesh_axes)
+    out.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+  return P(*out)
+
+
+def _path_name(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def tree_shardings(shapes, axes, mesh: Mesh, rules=None):
+  """NamedShardings for a params-like tree, given a matching tree of logical axis tuples."""
+  is_axes = lambda x: isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)  # noqa: E731
+  flat_axes, _ = jax.tree_util.tree_flatten_with_path(axes, is_leaf=is_axes)
+  flat_shapes, treedef = jax.tree_util.tree_flatten(shapes)
+  if len(flat_axes) != len(flat_shapes):
+    raise ValueError(f"axes tree has {len(flat_axes)} leaves, shapes tree {len(flat_shapes)}")
+  out = [NamedSharding(mesh, spec_for(ax, s.shape, mesh, rules, _path_name(path)))
+         for (path, ax), s in zip(flat_axes, flat_shapes)]
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Leading dim over (data, fsdp), the rest replicated."""
+  return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def constrain(x, mesh: Mesh, *axes: str | None):
+  """with_sharding_constraint by logical names (activations)."""
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(axes, x.shape, mesh)))
+
+
+def describe(mesh: Mesh) -> str:
+  return (f"mesh {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} devices, "
+          f"{jax.process_count()} process(es)")

@@ -1,0 +1,46 @@
+"""Tiny random-weight `transformers` models of every supported family, saved with save_pretrained."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+
+FAMILY_KW = {
+    "llama": dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 16}),
+    "mistral": dict(sliding_window=5),
+    "qwen2": dict(tie_word_embeddings=True),
+    "qwen3": dict(),
+    "gemma": dict(),
+    "gemma2": dict(sliding_window=4, attn_logit_softcapping=20.0, final_logit_softcapping=10.0,
+                   query_pre_attn_scalar=24),
+}
+
+
+def save_random(family: str, path: str, seq_cls: bool = False, **kw) -> str:
+  torch.manual_seed(0)
+  cfg = transformers.AutoConfig.for_model(family, **{**TINY, **FAMILY_KW[family], **kw})
+  cfg._attn_implementation = "eager"
+  cls = transformers.AutoModelForSequenceClassification if seq_cls else transformers.AutoModelForCausalLM
+  if seq_cls:
+    cfg.num_labels = 1
+    cfg.pad_token_id = 0
+  model = cls.from_config(cfg, dtype=torch.float32)
+  with torch.no_grad():  # Non-trivial norms and biases, so a mapping mistake cannot hide behind ones/zeros.
+    for name, p in model.named_parameters():
+      if "norm" in name or name.endswith("bias"):
+        p.add_(0.1 * torch.randn_like(p))
+      else:
+        p.normal_(0.0, 0.08)
+  model.save_pretrained(path)
+  return path
+
+
+def load(path: str, seq_cls: bool = False):
+  cls = transformers.AutoModelForSequenceClassification if seq_cls else transformers.AutoModelForCausalLM
+  model = cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+  return model.eval()
