@@ -1,0 +1,159 @@
+"""Model properties: HF parity per family, HF round trip, KV-cache equivalence, packing, sharding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jaxalign import sharding
+from jaxalign.models import build, hf, transformer as T
+from jaxalign.models.config import preset
+from tests import hf_models
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"]
+
+
+def _padded_batch(vocab=128, b=3, t=12, seed=0):
+  rng = np.random.default_rng(seed)
+  tok = rng.integers(0, vocab, (b, t))
+  lens = np.array([t, 7, 9])[:b]
+  mask = (np.arange(t)[None] < lens[:, None]).astype(np.int64)
+  return tok, mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_parity(hf_factory, family):
+  path = hf_factory(family)
+  cfg = hf.config_from_hf(path)
+  params = hf.load_params(path, cfg)
+  tok, mask = _padded_batch()
+  with torch.no_grad():
+    ref = hf_models.load(path)(input_ids=torch.tensor(tok), attention_mask=torch.tensor(mask)).logits.numpy()
+  for jit in (False, True):
+    fwd = (lambda p, t, s: T.forward(cfg, p, t, None, s)[0])
+    out = np.asarray((jax.jit(fwd) if jit else fwd)(params, jnp.asarray(tok), jnp.asarray(mask, jnp.int32)))
+    assert np.abs((out - ref) * mask[..., None]).max() <= 1e-4, family
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2"])
+def test_hf_round_trip(hf_factory, tmp_path, family):
+  path = hf_factory(family)
+  cfg = hf.config_from_hf(path)
+  params = hf.load_params(path, cfg)
+  params = jax.tree.map(lambda x: x * 1.01, params)  # Differ from the source so a no-op save cannot pass.
+  hf.save_params(str(tmp_path), cfg, params)
+  tok, mask = _padded_batch()
+  with torch.no_grad():
+    ref = hf_models.load(str(tmp_path))(input_ids=torch.tensor(tok), attention_mask=torch.tensor(mask)).logits.numpy()
+  out = np.asarray(T.forward(cfg, params, jnp.asarray(tok), None, jnp.asarray(mask, jnp.int32))[0])
+  assert np.abs((out - ref) * mask[..., None]).max() <= 1e-4
+  assert hf.config_from_hf(str(tmp_path)) == cfg
+
+
+@pytest.mark.parametrize("family,scan", [("llama", True), ("gemma2", False), ("mistral", True)])
+def test_kv_cache_matches_full_forward(hf_factory, family, scan):
+  path = hf_factory(family)
+  cfg = hf.config_from_hf(path, scan_layers=scan)
+  params = hf.load_params(path, cfg)
+  tok, mask = _padded_batch(t=12)
+  prompt = 4
+  full = np.asarray(T.forward(cfg, params, jnp.asarray(tok))[0])
+  cache = T.init_cache(cfg, tok.shape[0], 16)
+  step = jax.jit(lambda p, t, pos, c: T.forward(cfg, p, t, pos, None, c))
+  pos = jnp.broadcast_to(jnp.arange(prompt), (3, prompt))
+  out, cache = step(params, jnp.asarray(tok[:, :prompt]), pos, cache)
+  got = [np.asarray(out)]
+  for i in range(prompt, tok.shape[1]):
+    out, cache = step(params, jnp.asarray(tok[:, i:i + 1]), jnp.full((3, 1), i), cache)
+    got.append(np.asarray(out))
+  np.testing.assert_allclose(np.concatenate(got, 1), full, atol=1e-4, rtol=0)
+
+
+def test_ragged_prompts_in_cache():
+  """Right-padded prompts of different lengths decode as if each were alone."""
+  cfg = preset("tiny")
+  params = T.init_params(cfg, jax.random.key(1))
+  rng = np.random.default_rng(0)
+  a, b = rng.integers(1, 256, 5), rng.integers(1, 256, 3)
+  prompts = np.zeros((2, 5), np.int32)
+  prompts[0], prompts[1, :3] = a, b
+  seg = np.array([[1] * 5, [1, 1, 1, 0, 0]], np.int32)
+  pos = np.array([[0, 1, 2, 3, 4], [0, 1, 2, 0, 0]], np.int32)
+  cache = T.init_cache(cfg, 2, 8)
+  _, cache = T.forward(cfg, params, jnp.asarray(prompts), jnp.asarray(pos), jnp.asarray(seg), cache)
+  nxt = np.array([[7], [9]], np.int32)
+  out, _ = T.forward(cfg, params, jnp.asarray(nxt), jnp.array([[5], [3]]), jnp.ones((2, 1), jnp.int32), cache)
+  alone = T.forward(cfg, params, jnp.asarray(np.concatenate([b, [9]])[None]))[0]
+  np.testing.assert_allclose(np.asarray(out[1, 0]), np.asarray(alone[0, -1]), atol=1e-5)
+
+
+def test_packing_equals_separate():
+  cfg = preset("tiny", sliding_window=3, layer_types=("sliding_attention", "full_attention"))
+  params = T.init_params(cfg, jax.random.key(2))
+  rng = np.random.default_rng(1)
+  a, b = rng.integers(0, 256, 6), rng.integers(0, 256, 5)
+  packed = np.concatenate([a, b, [0]])[None]
+  seg = np.array([[1] * 6 + [2] * 5 + [0]])
+  pos = np.array([list(range(6)) + list(range(5)) + [0]])
+  out = np.asarray(T.forward(cfg, params, jnp.asarray(packed), jnp.asarray(pos), jnp.asarray(seg))[0])[0]
+  la = np.asarray(T.forward(cfg, params, jnp.asarray(a[None]))[0])[0]
+  lb = np.asarray(T.forward(cfg, params, jnp.asarray(b[None]))[0])[0]
+  np.testing.assert_allclose(out[:6], la, atol=1e-5)
+  np.testing.assert_allclose(out[6:11], lb, atol=1e-5)
+
+
+def test_causal():
+  cfg = preset("tiny")
+  params = T.init_params(cfg, jax.random.key(3))
+  tok = jnp.arange(10)[None]
+  base = T.forward(cfg, params, tok)[0]
+  changed = T.forward(cfg, params, tok.at[0, 7].set(99))[0]
+  np.testing.assert_allclose(base[0, :7], changed[0, :7], atol=1e-6)
+  assert np.abs(np.asarray(base[0, 7:] - changed[0, 7:])).max() > 1e-4
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_and_scan_same_gradients(remat):
+  cfg = preset("tiny")
+  params = T.init_params(cfg, jax.random.key(4))
+  tok = jnp.arange(16).reshape(2, 8) % 256
+  loss = lambda c: lambda p: T.forward(c, p, tok)[0].mean()  # noqa: E731
+  g0 = jax.grad(loss(cfg))(params)
+  g1 = jax.jit(jax.grad(loss(cfg.replace(remat=remat, scan_layers=False))))(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
+
+
+def test_sharded_forward_equals_unsharded(hf_factory):
+  path = hf_factory("qwen3")
+  cfg = hf.config_from_hf(path)
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  params = build.load_hf_sharded(path, cfg, mesh)
+  assert params["layers"]["wq"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+  tok, mask = _padded_batch(b=4 - 1)
+  tok = np.concatenate([tok, tok[:1]]); mask = np.concatenate([mask, mask[:1]])
+  bs = sharding.batch_sharding(mesh)
+  fwd = jax.jit(lambda p, t, s: T.forward(cfg, p, t, None, s)[0])
+  out = fwd(params, jax.device_put(jnp.asarray(tok), bs), jax.device_put(jnp.asarray(mask, jnp.int32), bs))
+  ref = fwd(hf.load_params(path, cfg), jnp.asarray(tok), jnp.asarray(mask, jnp.int32))
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5)
+
+
+def test_fsdp_param_bytes_per_device():
+  cfg = preset("tiny")
+  mesh = sharding.make_mesh(data=1, fsdp=8, tensor=1)
+  params = build.init_sharded(cfg, mesh, jax.random.key(0))
+  total = build.param_bytes(params)
+  per_dev = build.bytes_per_device(params)
+  assert len(per_dev) == 8
+  assert max(per_dev.values()) <= total / 8 * 1.05, (max(per_dev.values()), total)
+
+
+def test_mesh_errors():
+  with pytest.raises(ValueError, match="does not match the 8 available devices"):
+    sharding.make_mesh(data=3, fsdp=1, tensor=1)
+  with pytest.raises(ValueError, match="only one of"):
+    sharding.make_mesh(data=-1, fsdp=-1)
+  assert dict(sharding.make_mesh(data=2, fsdp=-1, tensor=2).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  with pytest.raises(KeyError, match="matches no sharding rule"):
+    sharding.spec_for(("nonsense",), (4,), sharding.make_mesh(), name="x")
