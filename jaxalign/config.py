@@ -1,0 +1,96 @@
+"""The config keys every stage shares (../DESIGN 'Contracts'), so any stage is driven the same way.
+
+Stage files in `configs/` call `base(stage)`, add their own group, and return `lock(config)`: a locked
+ConfigDict, so an override of a key that does not exist is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base(stage: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = stage  # Which train loop launch/train.py runs.
+  c.seed = 0  # Params init, data order, sampling.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.init = ""  # HF checkpoint dir, or an earlier run's workdir (its latest checkpoint); "" = from scratch.
+  c.model.preset = "tiny"  # Architecture when training from scratch (jaxalign.models.config.preset).
+  c.model.tokenizer = ""  # HF tokenizer dir; "" = the one saved with model.init.
+  c.model.dtype = "float32"  # Matmul dtype (bfloat16 on accelerators).
+  c.model.param_dtype = "float32"  # Storage dtype of params and optimizer state.
+  c.model.remat = "none"  # none | full | dots.
+  c.model.scan_layers = True  # lax.scan over layers (compile time independent of depth).
+  c.model.attention = "auto"  # auto | dense | blockwise.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train = ""  # Local JSONL/JSON/parquet/arrow/CSV file, a directory, or a hub dataset name.
+  c.data.eval = ""  # Same; "" = hold out data.eval_fraction of train.
+  c.data.eval_fraction = 0.05  # Held-out fraction when data.eval is empty.
+  c.data.split = "train"  # Split name for hub datasets / dataset dicts.
+  c.data.format = "auto"  # auto | text | prompt_completion | messages | preference | prompt.
+  c.data.chat_template = ""  # "" = the tokenizer's; or a named default ("chatml") / a Jinja string.
+  c.data.completion_only = True  # Loss only on completion / assistant tokens.
+  c.data.add_eos = True  # Append EOS to completions (plain formats).
+  c.data.pack = True  # Pack examples into full rows (segment ids keep them apart); else pad.
+  c.data.buckets = ()  # Extra shorter row lengths for padded batches, e.g. (128, 256).
+  c.data.too_long = "truncate"  # truncate | drop | error, for examples longer than train.seq_len.
+  c.data.bad_rows = "error"  # error | skip (counted in the data report).
+  c.data.dedup = True  # Drop exact duplicate records.
+  c.data.max_records = 0  # Use at most this many records (0 = all).
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 100  # Optimizer steps.
+  c.train.batch_size = 8  # Global batch (rows); split over the data-parallel axes and microbatches.
+  c.train.seq_len = 256  # Longest row length (bucket).
+  c.train.grad_accum = 1  # Microbatches per step (a scan inside the step).
+  c.train.run_steps = 0  # Stop this invocation after N steps (rerun to continue; for job time limits). 0 = off.
+  c.train.nan_policy = "stop"  # stop | skip: non-finite loss or gradient.
+  c.train.loss_spike = 0.0  # Skip an update whose loss exceeds this multiple of the running mean (0 = off).
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adamw"  # adamw | sgd | adafactor.
+  c.optimizer.learning_rate = 1e-4
+  c.optimizer.schedule = "cosine"  # constant | linear | cosine (after warmup).
+  c.optimizer.warmup_steps = 0
+  c.optimizer.end_lr_fraction = 0.1  # Final lr as a fraction of the peak (linear/cosine).
+  c.optimizer.weight_decay = 0.0  # Decoupled; never applied to norms and biases.
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.clip_norm = 1.0  # Global-norm clipping (0 = off).
+  c.optimizer.freeze = ()  # Frozen params: "embed", "lm_head", "layers:0-3" (lower layers), "head".
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = -1  # -1 = the remaining devices.
+  c.mesh.tensor = 1
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 100  # Steps between checkpoints (and one at the end).
+  c.checkpoint.keep = 3  # Most recent checkpoints kept (the best one too when best_metric is set).
+  c.checkpoint.best_metric = ""  # e.g. "eval/loss": keep the best by this eval metric.
+  c.checkpoint.best_mode = "min"  # min | max.
+  c.checkpoint.early_stop = 0  # Stop after this many evals without improving best_metric (0 = off).
+  c.checkpoint.async_save = True  # Save in the background while training continues.
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 50  # Steps between evals (0 = only at the end).
+  c.eval.batch_size = 8  # Global rows per eval batch.
+  c.eval.max_batches = 0  # 0 = the whole eval set.
+
+  c.logging = ml_collections.ConfigDict()
+  c.logging.every = 10  # Steps between metric lines.
+  c.logging.tensorboard = True
+  c.logging.progress = True  # tqdm progress bar.
+
+  c.export = ml_collections.ConfigDict()
+  c.export.hf = True  # Write WORKDIR/export/hf at the end (a transformers checkpoint + tokenizer).
+  c.export.dtype = ""  # "" = param_dtype.
+  return c
+
+
+def lock(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  c.lock()
+  return c

@@ -1,0 +1,163 @@
+"""Examples -> static [B, T] batches: packed rows or padded rows in a few length buckets.
+
+A batch is a dict of int32/float32 numpy arrays:
+  tokens, positions, segment_ids   [B, T]   (segment 0 = padding; positions restart per segment)
+  targets, weights                 [B, T]   (weights[t] = 1 where predicting targets[t] = tokens[t+1] is trained)
+Order is a pure function of (seed, epoch), so the position (epoch, batch index) is all a resume needs.
+Each process materialises only its own rows of every global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from jaxalign.data.tokenize import Example
+
+KEYS = ("tokens", "positions", "segment_ids", "targets", "weights")
+
+
+def pack_rows(lengths: Sequence[int], order: Sequence[int], seq_len: int, open_rows: int = 8) -> list[list[int]]:
+  """First-fit packing in the given order over a window of open rows (deterministic, order-preserving-ish)."""
+  rows: list[list[int]] = []
+  space: list[tuple[int, int]] = []  # (row index, free tokens) of open rows.
+  for i in order:
+    n = lengths[i]
+    for j, (r, free) in enumerate(space):
+      if n <= free:
+        rows[r].append(i)
+        space[j] = (r, free - n)
+        break
+    else:
+      rows.append([i])
+      space.append((len(rows) - 1, seq_len - n))
+      if len(space) > open_rows:
+        space.pop(0)
+    space = [(r, f) for r, f in space if f > 0]
+  return rows
+
+
+def build_row(examples: Sequence[Example], seq_len: int) -> dict[str, np.ndarray]:
+  """One row holding the given examples as segments 1, 2, ...; pad to seq_len."""
+  row = {k: np.zeros(seq_len, np.float32 if k == "weights" else np.int32) for k in KEYS}
+  at = 0
+  for s, ex in enumerate(examples, start=1):
+    n = len(ex.ids)
+    if at + n > seq_len:
+      raise ValueError(f"row overflow: {at} + {n} > {seq_len}")
+    row["tokens"][at:at + n] = ex.ids
+    row["positions"][at:at + n] = np.arange(n)
+    row["segment_ids"][at:at + n] = s
+    row["targets"][at:at + n - 1] = ex.ids[1:]
+    row["weights"][at:at + n - 1] = ex.trained[1:]
+    at += n
+  return row
+
+
+def stack_rows(rows: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+  for b in sorted(buckets):
+    if length <= b:
+      return b
+  raise ValueError(f"length {length} exceeds the largest bucket {max(buckets)}")
+
+
+@dataclasses.dataclass
+class BatchPlan:
+  """The rows of every batch of one epoch, as example indices, and each batch's row length."""
+
+  batches: list[list[list[int]]]
+  lengths: list[int]
+
+
+def plan_epoch(lengths: Sequence[int], *, batch_size: int, seq_len: int, seed: int, epoch: int, pack: bool,
+               buckets: Sequence[int] = (), shuffle: bool = True) -> BatchPlan:
+  n = len(lengths)
+  order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+  if pack:
+    rows = pack_rows(lengths, order, seq_len)
+  else:
+    rows = [[int(i)] for i in order]
+  nb = len(rows) // batch_size
+  batches = [rows[b * batch_size:(b + 1) * batch_size] for b in range(nb)]
+  all_buckets = sorted(set(buckets) | {seq_len})
+  blens = [seq_len if pack else bucket_for(max(sum(lengths[i] for i in r) for r in bt), all_buckets)
+           for bt in batches]
+  return BatchPlan(batches, blens)
+
+
+def host_rows(global_batch: int) -> slice:
+  """The rows of a global batch this process feeds."""
+  p, n = jax.process_index(), jax.process_count()
+  if global_batch % n:
+    raise ValueError(f"train.batch_size={global_batch} is not divisible by the {n} processes")
+  per = global_batch // n
+  return slice(p * per, (p + 1) * per)
+
+
+class BatchIterator:
+  """Endless, resumable iterator of this process's rows of each global batch."""
+
+  def __init__(self, examples: Sequence[Example], *, batch_size: int, seq_len: int, seed: int, pack: bool,
+               buckets: Sequence[int] = (), epoch: int = 0, index: int = 0):
+    self.examples = examples
+    self.lengths = [len(e) for e in examples]
+    self.kw = dict(batch_size=batch_size, seq_len=seq_len, seed=seed, pack=pack, buckets=buckets)
+    self.epoch, self.index = epoch, index
+    self._plan = None
+    self._plan_epoch = None
+    if not self._get_plan().batches:
+      raise ValueError(f"{len(examples)} examples make no full batch of train.batch_size={batch_size} rows "
+                       f"(seq_len={seq_len}, pack={pack}); lower the batch size or add data")
+
+  def _get_plan(self) -> BatchPlan:
+    if self._plan_epoch != self.epoch:
+      self._plan = plan_epoch(self.lengths, epoch=self.epoch, **self.kw)
+      self._plan_epoch = self.epoch
+    return self._plan
+
+  def state(self) -> dict:
+    return {"epoch": self.epoch, "index": self.index}
+
+  def restore(self, state: dict):
+    self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+  def batches_per_epoch(self) -> int:
+    return len(self._get_plan().batches)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    plan = self._get_plan()
+    if self.index >= len(plan.batches):
+      self.epoch, self.index = self.epoch + 1, 0
+      plan = self._get_plan()
+    rows = plan.batches[self.index][host_rows(self.kw["batch_size"])]
+    length = plan.lengths[self.index]
+    self.index += 1
+    return stack_rows([build_row([self.examples[i] for i in r], length) for r in rows])
+
+
+def eval_batches(examples: Sequence[Example], *, batch_size: int, seq_len: int, buckets: Sequence[int] = (),
+                 max_batches: int = 0):
+  """Every eval example once, padded one per row, in a fixed order; the last batch filled with empty rows."""
+  order = sorted(range(len(examples)), key=lambda i: len(examples[i]))  # Similar lengths share a bucket.
+  all_buckets = sorted(set(buckets) | {seq_len})
+  sl = host_rows(batch_size)
+  out = []
+  for b in range(0, len(order), batch_size):
+    idx = order[b:b + batch_size]
+    length = bucket_for(max(len(examples[i]) for i in idx), all_buckets)
+    rows = [build_row([examples[i]], length) for i in idx]
+    rows += [build_row([], length)] * (batch_size - len(rows))
+    out.append(stack_rows(rows[sl]))
+    if max_batches and len(out) >= max_batches:
+      break
+  return out

@@ -1,0 +1,123 @@
+"""Records -> validated, deduplicated, tokenised examples with a data report, shared by every stage."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+from typing import Any, Callable
+
+import numpy as np
+
+from jaxalign.data import formats, sources
+from jaxalign.data.sources import DataError
+
+
+@dataclasses.dataclass
+class Report:
+  """What happened to the data before training, written to WORKDIR/data_report.json."""
+
+  split: str
+  source: str
+  format: str = ""
+  rows_read: int = 0
+  kept: int = 0
+  dropped: dict = dataclasses.field(default_factory=collections.Counter)
+  truncated: int = 0
+  lengths: list = dataclasses.field(default_factory=list)
+
+  def summary(self) -> dict[str, Any]:
+    pct = {}
+    if self.lengths:
+      q = np.percentile(self.lengths, [50, 90, 99, 100])
+      pct = {"p50": int(q[0]), "p90": int(q[1]), "p99": int(q[2]), "max": int(q[3])}
+    return {"split": self.split, "source": self.source, "format": self.format, "rows_read": self.rows_read,
+            "kept": self.kept, "dropped": dict(self.dropped), "truncated": self.truncated, "tokens": pct}
+
+  def __str__(self):
+    s = self.summary()
+    return (f"data[{s['split']}] {s['source']} ({s['format']}): read {s['rows_read']}, kept {s['kept']}, "
+            f"dropped {s['dropped'] or 0}, truncated {s['truncated']}, token lengths {s['tokens']}")
+
+
+def _freeze(x):
+  return json.dumps(x, sort_keys=True, default=str)
+
+
+def load_split(data_cfg, spec: str, split_name: str, config_key: str):
+  ds = sources.load_records(spec, data_cfg.split, config_key)
+  if data_cfg.max_records:
+    ds = ds.select(range(min(len(ds), data_cfg.max_records)))
+  fmt = data_cfg.format if data_cfg.format != "auto" else formats.detect(ds.column_names, f"{config_key}={spec}")
+  if fmt not in formats.FORMATS:
+    raise DataError(f"data.format={fmt!r}: expected auto or one of {formats.FORMATS}")
+  return ds, fmt
+
+
+def process(ds, fmt: str, spec: str, split_name: str, data_cfg, make: Callable[[dict, str], Any],
+            *, length: Callable[[Any], int], truncated: Callable[[Any], bool]) -> tuple[list, Report]:
+  """Validate, dedup, expand ranked rows, tokenise with `make(row, where)`; bad rows raise or are skipped."""
+  rep = Report(split=split_name, source=spec, format=fmt)
+  seen: set[str] = set()
+  out = []
+  for i, raw in enumerate(ds):
+    rep.rows_read += 1
+    where = f"{spec} row {i}"
+    try:
+      row = formats.validate(raw, fmt, where)
+    except DataError as e:
+      if data_cfg.bad_rows != "skip":
+        raise DataError(f"{e} (set data.bad_rows=skip to skip such rows)") from None
+      rep.dropped["invalid: " + str(e).split(": ", 1)[-1][:60]] += 1
+      continue
+    rows = formats.expand_ranked(row) if fmt == "ranked" else [row]
+    for r in rows:
+      if data_cfg.dedup:
+        key = _freeze(r)
+        if key in seen:
+          rep.dropped["duplicate"] += 1
+          continue
+        seen.add(key)
+      try:
+        ex = make(r, where)
+      except DataError as e:
+        if data_cfg.bad_rows != "skip":
+          raise
+        rep.dropped["tokenize: " + str(e).split(": ", 1)[-1][:60]] += 1
+        continue
+      if ex is None:
+        rep.dropped["too long"] += 1
+        continue
+      rep.truncated += int(truncated(ex))
+      rep.lengths.append(length(ex))
+      out.append(ex)
+  rep.kept = len(out)
+  if not out:
+    raise DataError(f"{spec}: no usable records ({rep})")
+  return out, rep
+
+
+def train_eval(data_cfg, make: Callable[[dict, str], Any], *, length, truncated, seed: int):
+  """(train examples, eval examples, [reports]); eval is data.eval or a held-out fraction of train."""
+  ds, fmt = load_split(data_cfg, data_cfg.train, "train", "data.train")
+  train, rep = process(ds, fmt, data_cfg.train, "train", data_cfg, make, length=length, truncated=truncated)
+  reports = [rep]
+  if data_cfg.eval:
+    eds, efmt = load_split(data_cfg, data_cfg.eval, "eval", "data.eval")
+    evals, erep = process(eds, efmt, data_cfg.eval, "eval", data_cfg, make, length=length, truncated=truncated)
+    reports.append(erep)
+  elif data_cfg.eval_fraction > 0:
+    n_eval = max(1, int(round(len(train) * data_cfg.eval_fraction)))
+    if n_eval >= len(train):
+      raise DataError(f"data.train={data_cfg.train}: {len(train)} examples are too few to hold out "
+                      f"data.eval_fraction={data_cfg.eval_fraction}")
+    perm = np.random.default_rng([seed, 7919]).permutation(len(train))
+    evals = [train[i] for i in sorted(perm[:n_eval])]
+    train = [train[i] for i in sorted(perm[n_eval:])]
+    rep.kept = len(train)
+  else:
+    evals = []
+  for r in reports:
+    logging.info("%s", r)
+  return train, evals, reports

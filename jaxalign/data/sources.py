@@ -1,0 +1,48 @@
+"""Load records with Hugging Face `datasets`: a local file, a local directory, or a hub name when online."""
+
+from __future__ import annotations
+
+import os
+
+import datasets
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+
+
+class DataError(ValueError):
+  """Bad input data; the message names the file and row."""
+
+
+def load_records(spec: str, split: str = "train", config_key: str = "data.train") -> datasets.Dataset:
+  """A `datasets.Dataset` from a path or hub name; errors name the config key and the path."""
+  if not spec:
+    raise DataError(f"{config_key} is empty: give a JSONL/parquet file, a directory, or a hub dataset name")
+  datasets.disable_progress_bars()
+  if os.path.isfile(spec):
+    ext = os.path.splitext(spec)[1].lower()
+    if ext not in _BUILDERS:
+      raise DataError(f"{config_key}={spec}: unsupported file type {ext!r} (expected {sorted(_BUILDERS)})")
+    try:
+      return datasets.load_dataset(_BUILDERS[ext], data_files=spec, split="train")
+    except Exception as e:  # Malformed JSON etc.: name the file.
+      raise DataError(f"{config_key}={spec}: could not be read: {e}") from e
+  if os.path.isdir(spec):
+    if os.path.exists(os.path.join(spec, "dataset_info.json")) or os.path.exists(os.path.join(spec, "dataset_dict.json")):
+      ds = datasets.load_from_disk(spec)
+    else:
+      ds = datasets.load_dataset(spec)
+    if isinstance(ds, datasets.DatasetDict):
+      if split not in ds:
+        raise DataError(f"{config_key}={spec}: no split {split!r} (has {list(ds)}); set data.split")
+      ds = ds[split]
+    return ds
+  if spec.startswith((".", "/")) or os.sep in spec and not _looks_like_hub(spec):
+    raise DataError(f"{config_key}={spec}: no such file or directory")
+  try:
+    return datasets.load_dataset(spec, split=split)
+  except Exception as e:
+    raise DataError(f"{config_key}={spec}: not a local path and could not be loaded from the hub: {e}") from e
+
+
+def _looks_like_hub(spec: str) -> bool:
+  return spec.count("/") == 1 and not os.path.exists(spec.split("/")[0])

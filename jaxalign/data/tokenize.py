@@ -1,0 +1,154 @@
+"""Records -> token ids with a per-token 'trained' mask.
+
+Boundary policy (documented in docs/sft.md): a record is rendered to text segments, each marked trained or
+not (prompt vs completion, user vs assistant turn); each segment is tokenised on its own and the ids are
+concatenated. The prompt/completion token boundary is therefore exactly the text boundary, and the prompt
+ids are the very ids the sampler is given at generation time. (Tokenising the joined text can merge tokens
+across the boundary; we never do.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from jaxalign.data.formats import is_conversation
+from jaxalign.data.sources import DataError
+
+CHAT_TEMPLATES = {
+    "chatml": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+}
+
+
+@dataclasses.dataclass
+class Example:
+  """One tokenised sequence: ids and which tokens carry loss."""
+
+  ids: np.ndarray  # int32 [n]
+  trained: np.ndarray  # bool [n]; trained[i]: loss on predicting token i.
+  truncated: bool = False
+
+  def __len__(self):
+    return len(self.ids)
+
+
+def set_chat_template(tokenizer, template: str):
+  """'' keeps the tokenizer's own; a name from CHAT_TEMPLATES or a Jinja string replaces it."""
+  if template:
+    tokenizer.chat_template = CHAT_TEMPLATES.get(template, template)
+
+
+def _adds_bos(tokenizer) -> bool:
+  bos = tokenizer.bos_token_id
+  if bos is None:
+    return False
+  ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+  return bool(ids) and ids[0] == bos
+
+
+def _render(tokenizer, messages, add_generation_prompt: bool, where: str) -> str:
+  if not getattr(tokenizer, "chat_template", None):
+    raise DataError(f"{where}: conversational record but the tokenizer has no chat template; set "
+                    "data.chat_template (e.g. 'chatml') or use a tokenizer that has one")
+  return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def chat_segments(tokenizer, messages: list[dict], where: str, train_all_assistant: bool = True):
+  """Text segments of a conversation, assistant turns marked trained."""
+  segs: list[tuple[str, bool]] = []
+  done = ""
+  for i, m in enumerate(messages):
+    if m["role"] != "assistant":
+      continue
+    prefix = _render(tokenizer, messages[:i], True, where) if i else _render(tokenizer, [], True, where)
+    upto = _render(tokenizer, messages[: i + 1], False, where)
+    if not prefix.startswith(done) or not upto.startswith(prefix):
+      raise DataError(f"{where}: the chat template does not render conversations prefix-consistently, so "
+                      "assistant tokens cannot be located; set data.chat_template")
+    segs.append((prefix[len(done):], False))
+    segs.append((upto[len(prefix):], train_all_assistant or i == len(messages) - 1))
+    done = upto
+  full = _render(tokenizer, messages, False, where)
+  if full.startswith(done) and len(full) > len(done):
+    segs.append((full[len(done):], False))
+  return [(t, tr) for t, tr in segs if t]
+
+
+def encode_segments(tokenizer, segments: list[tuple[str, bool]], *, bos: bool, eos: bool) -> Example:
+  ids: list[int] = [tokenizer.bos_token_id] if bos else []
+  trained: list[bool] = [False] * len(ids)
+  for text, tr in segments:
+    piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids += piece
+    trained += [tr] * len(piece)
+  if eos:
+    ids.append(tokenizer.eos_token_id)
+    trained.append(True)
+  return Example(np.asarray(ids, np.int32), np.asarray(trained, bool))
+
+
+def prompt_segments(tokenizer, prompt: Any, where: str) -> tuple[list[tuple[str, bool]], bool]:
+  """Segments of a prompt alone (as given to the sampler), and whether it was conversational."""
+  if is_conversation(prompt):
+    return [(_render(tokenizer, prompt, True, where), False)], True
+  return ([(prompt, False)] if prompt else []), False
+
+
+def completion_segments(tokenizer, prompt: Any, completion: Any, where: str) -> tuple[list[tuple[str, bool]], bool]:
+  """Segments of prompt + completion; conversational when either is a message list."""
+  if is_conversation(prompt) or is_conversation(completion):
+    p = prompt if is_conversation(prompt) else ([{"role": "user", "content": prompt}] if prompt else [])
+    c = completion if is_conversation(completion) else [{"role": "assistant", "content": completion}]
+    segs = chat_segments(tokenizer, p + c, where)
+    return [(t, tr and True) for t, tr in segs], True
+  return [(prompt, False), (completion, True)] if prompt else [(completion, True)], False
+
+
+def sft_example(tokenizer, row: dict, fmt: str, where: str, *, completion_only: bool, add_eos: bool) -> Example:
+  """One SFT record -> Example (raises DataError naming `where`)."""
+  bos = _adds_bos(tokenizer)
+  if fmt == "text":
+    if is_conversation(row["text"]):
+      ex = encode_segments(tokenizer, chat_segments(tokenizer, row["text"], where), bos=False, eos=False)
+    else:
+      ex = encode_segments(tokenizer, [(row["text"], True)], bos=bos, eos=add_eos)
+  elif fmt == "messages":
+    ex = encode_segments(tokenizer, chat_segments(tokenizer, row["messages"], where), bos=False, eos=False)
+  elif fmt == "prompt_completion":
+    segs, conv = completion_segments(tokenizer, row["prompt"], row["completion"], where)
+    ex = encode_segments(tokenizer, segs, bos=bos and not conv, eos=add_eos and not conv)
+  else:
+    raise DataError(f"{where}: format {fmt!r} is not an SFT format (text, prompt_completion, messages)")
+  if not completion_only:
+    ex.trained[:] = True
+    if bos:
+      ex.trained[0] = False
+  if len(ex.ids) == 0 or not ex.trained.any():
+    raise DataError(f"{where}: record tokenizes to no trainable tokens")
+  return ex
+
+
+def prompt_ids(tokenizer, prompt: Any, where: str) -> np.ndarray:
+  segs, conv = prompt_segments(tokenizer, prompt, where)
+  ex = encode_segments(tokenizer, segs, bos=_adds_bos(tokenizer) and not conv, eos=False)
+  if len(ex.ids) == 0:
+    raise DataError(f"{where}: prompt tokenizes to nothing")
+  return ex.ids
+
+
+def fit_length(ex: Example, seq_len: int, policy: str, where: str) -> Example | None:
+  """Apply the too-long policy: 'truncate' keeps the start, 'drop' returns None, 'error' raises."""
+  if len(ex.ids) <= seq_len:
+    return ex
+  if policy == "error":
+    raise DataError(f"{where}: {len(ex.ids)} tokens exceed train.seq_len={seq_len} (data.too_long=error; "
+                    "use truncate or drop, or raise train.seq_len)")
+  if policy == "drop":
+    return None
+  if policy != "truncate":
+    raise ValueError(f"data.too_long={policy!r}: expected truncate | drop | error")
+  out = Example(ex.ids[:seq_len].copy(), ex.trained[:seq_len].copy(), truncated=True)
+  return out if out.trained.any() else None

@@ -1,0 +1,89 @@
+"""Metric writers (stdout, WORKDIR/metrics.jsonl, TensorBoard) and a one-step-late device fetch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def _scalar(v) -> Any:
+  v = np.asarray(v)
+  return v.item() if v.size == 1 else v.tolist()
+
+
+class MetricWriter:
+  """Every stage writes the same JSONL lines: step, stage, split and the metrics (process 0 only)."""
+
+  def __init__(self, workdir: str, stage: str, tensorboard: bool = True):
+    self.stage = stage
+    self.active = jax.process_index() == 0
+    self._f = None
+    self._tb = None
+    if self.active:
+      os.makedirs(workdir, exist_ok=True)
+      self._f = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      if tensorboard:
+        try:
+          from tensorboardX import SummaryWriter
+          self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except Exception as e:  # TensorBoard is a convenience; never fail a run for it.
+          logging.warning("tensorboard disabled: %s", e)
+
+  def write(self, step: int, split: str, metrics: dict[str, Any], echo: bool = True):
+    if not self.active:
+      return
+    row = {"step": int(step), "stage": self.stage, "split": split}
+    row.update({k: _scalar(v) for k, v in metrics.items()})
+    self._f.write(json.dumps(row) + "\n")
+    self._f.flush()
+    if self._tb is not None:
+      for k, v in row.items():
+        if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
+          self._tb.add_scalar(f"{split}/{k}", v, step)
+    if echo:
+      shown = " ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k not in ("stage", "split", "step"))
+      logging.info("[%s %s] step %d %s", self.stage, split, step, shown)
+
+  def close(self):
+    if self._f:
+      self._f.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _fmt(v) -> str:
+  if isinstance(v, float):
+    return f"{v:.4g}"
+  return str(v)
+
+
+class Throughput:
+  """Tokens/s and steps/s over the interval since the last call."""
+
+  def __init__(self):
+    self.t = time.perf_counter()
+    self.tokens = 0
+    self.steps = 0
+
+  def add(self, tokens: int):
+    self.tokens += tokens
+    self.steps += 1
+
+  def pop(self) -> dict[str, float]:
+    now = time.perf_counter()
+    dt = max(now - self.t, 1e-9)
+    out = {"tokens_per_s": self.tokens / dt, "steps_per_s": self.steps / dt}
+    self.t, self.tokens, self.steps = now, 0, 0
+    return out
+
+
+def fetch(tree):
+  """Device -> host for a small metrics tree (one transfer)."""
+  return jax.tree.map(lambda x: np.asarray(x), jax.device_get(tree))

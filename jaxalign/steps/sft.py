@@ -1,0 +1,38 @@
+"""Supervised fine-tuning: token-weighted next-token cross-entropy.
+
+    step = functools.partial(sft_step, model_cfg=cfg, tx=tx)
+    state, metrics = jax.jit(step, donate_argnums=0)(state, batch)
+
+`batch` holds tokens, positions, segment_ids, targets, weights, all [B, T] (see jaxalign.data.batching).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jaxalign.losses.lm import token_logprobs
+from jaxalign.models import transformer
+from jaxalign.steps.state import TrainState, accumulate, apply_update
+
+
+def sft_loss(params, batch, *, model_cfg):
+  """(sum of token NLL, (trained-token count, {})): the caller divides once over all microbatches."""
+  logits_BTV, _ = transformer.forward(model_cfg, params["model"], batch["tokens"], batch["positions"],
+                                      batch["segment_ids"])
+  w_BT = batch["weights"].astype(jnp.float32)
+  nll = -jnp.sum(token_logprobs(logits_BTV, batch["targets"]) * w_BT)
+  return nll, (jnp.sum(w_BT), {})
+
+
+def sft_step(state: TrainState, batch: dict, *, model_cfg, tx, schedule=None, grad_accum: int = 1,
+             loss_spike: float = 0.0):
+  """One optimizer step over the global batch; returns (state, metrics)."""
+  grads, metrics = accumulate(lambda p, b: sft_loss(p, b, model_cfg=model_cfg), state.params, batch, grad_accum)
+  metrics["tokens"] = metrics.pop("denominator")
+  return apply_update(state, grads, metrics, tx, schedule, loss_spike)
+
+
+def sft_eval(params, batch, *, model_cfg):
+  """Sums for an exact eval mean over many batches: {'loss_sum', 'tokens'}."""
+  nll, (n, _) = sft_loss(params, batch, model_cfg=model_cfg)
+  return {"loss_sum": nll, "tokens": n}
