@@ -28,3 +28,29 @@ def hf_factory(tmp_path_factory):
     return cache[key]
 
   return make
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+  """Tokenizer, random HF Llama and messages datasets, built once per session."""
+  from tests.fixtures import tiny_setup
+
+  return tiny_setup(str(tmp_path_factory.mktemp("tiny")))
+
+
+def load_config(name: str, variant: str | None = None, **overrides):
+  """A stage's real default config (configs/<name>.py), with dotted overrides."""
+  import importlib.util
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(root, "configs", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg = mod.get_config(variant)
+  for key, value in overrides.items():
+    node = cfg
+    parts = key.split("__")
+    for p in parts[:-1]:
+      node = node[p]
+    node[parts[-1]] = value
+  return cfg

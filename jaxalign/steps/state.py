@@ -72,7 +72,7 @@ def apply_update(state: TrainState, grads, metrics: dict, tx: optax.GradientTran
   counts it (nan_policy=skip) or stops (nan_policy=stop) with the last checkpoint intact.
   """
   loss = metrics["loss"]
-  gnorm = optax.global_norm(grads)
+  gnorm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
   spike = jnp.zeros((), bool)
   if loss_spike > 0:
