@@ -113,7 +113,7 @@ def restore_params_from_run(run_dir: str, abstract_params: dict, step: int | Non
   """
   ckpt_dir = os.path.join(os.path.abspath(run_dir), "checkpoints")
   mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True),
-                               item_names=("params",))
+                               item_handlers={"params": ocp.StandardCheckpointHandler()})
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{run_dir}: a jaxalign run directory but it has no complete checkpoint")

@@ -37,6 +37,8 @@ def log_devices():
 
 STAGES = {
     "sft": ("jaxalign.loops.offline", "train_sft"),
+    "reward": ("jaxalign.loops.preference", "train_reward"),
+    "dpo": ("jaxalign.loops.preference", "train_dpo"),
 }
 
 

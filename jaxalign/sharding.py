@@ -110,9 +110,10 @@ def tree_shardings(shapes, axes, mesh: Mesh, rules=None):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  """Leading dim over (data, fsdp), the rest replicated."""
-  return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int | None = None) -> NamedSharding:
+  """Leading dim over (data, fsdp), the rest replicated (valid for any rank >= 1)."""
+  del ndim
+  return NamedSharding(mesh, P(BATCH))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

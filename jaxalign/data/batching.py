@@ -161,3 +161,49 @@ def eval_batches(examples: Sequence[Example], *, batch_size: int, seq_len: int, 
     if max_batches and len(out) >= max_batches:
       break
   return out
+
+
+def pair_batch(pairs, length: int) -> dict[str, np.ndarray]:
+  """[B, 2, T] arrays (chosen, rejected), plus margin [B] and, when precomputed, ref_logps [B, 2]."""
+  rows = [stack_rows([build_row([p.chosen], length), build_row([p.rejected], length)]) if p is not None
+          else stack_rows([build_row([], length)] * 2) for p in pairs]
+  out = stack_rows(rows)
+  out["margin"] = np.asarray([p.margin if p is not None else 0.0 for p in pairs], np.float32)
+  out["valid"] = np.asarray([p is not None for p in pairs], np.float32)
+  if any(p is not None and p.label is not None for p in pairs):
+    out["label"] = np.asarray([p.label if p is not None and p.label is not None else 0.0 for p in pairs], np.float32)
+  if any(p is not None and p.ref is not None for p in pairs):
+    out["ref_logps"] = np.stack([p.ref if p is not None else np.zeros(2, np.float32) for p in pairs])
+  return out
+
+
+class PairIterator(BatchIterator):
+  """Endless, resumable iterator of preference-pair batches (padded into buckets; pairs are never packed)."""
+
+  def __init__(self, pairs, *, batch_size: int, seq_len: int, seed: int, buckets: Sequence[int] = ()):
+    super().__init__(pairs, batch_size=batch_size, seq_len=seq_len, seed=seed, pack=False, buckets=buckets)
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    plan = self._get_plan()
+    if self.index >= len(plan.batches):
+      self.epoch, self.index = self.epoch + 1, 0
+      plan = self._get_plan()
+    rows = plan.batches[self.index][host_rows(self.kw["batch_size"])]
+    length = plan.lengths[self.index]
+    self.index += 1
+    return pair_batch([self.examples[r[0]] for r in rows], length)
+
+
+def eval_pair_batches(pairs, *, batch_size: int, seq_len: int, buckets: Sequence[int] = (), max_batches: int = 0):
+  order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]))
+  all_buckets = sorted(set(buckets) | {seq_len})
+  sl = host_rows(batch_size)
+  out = []
+  for b in range(0, len(order), batch_size):
+    idx = order[b:b + batch_size]
+    length = bucket_for(max(len(pairs[i]) for i in idx), all_buckets)
+    chunk = [pairs[i] for i in idx] + [None] * (batch_size - len(idx))
+    out.append(pair_batch(chunk[sl], length))
+    if max_batches and len(out) >= max_batches:
+      break
+  return out

@@ -152,3 +152,101 @@ def fit_length(ex: Example, seq_len: int, policy: str, where: str) -> Example | 
     raise ValueError(f"data.too_long={policy!r}: expected truncate | drop | error")
   out = Example(ex.ids[:seq_len].copy(), ex.trained[:seq_len].copy(), truncated=True)
   return out if out.trained.any() else None
+
+
+@dataclasses.dataclass
+class PairExample:
+  """A preference pair sharing a prompt; `ref` holds precomputed reference log-probs (chosen, rejected)."""
+
+  chosen: Example
+  rejected: Example
+  margin: float = 0.0
+  truncated: bool = False
+  ref: np.ndarray | None = None
+  label: float | None = None  # KTO: 1 desirable / 0 undesirable (then `rejected` is the KL-baseline row).
+
+  def __len__(self):
+    return max(len(self.chosen), len(self.rejected))
+
+
+def split_implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+  """(prompt, chosen, rejected) from records whose prompt is the shared prefix (TRL's implicit prompt)."""
+  if is_conversation(chosen) and is_conversation(rejected):
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+      n += 1
+    return chosen[:n], chosen[n:], rejected[n:]
+  if isinstance(chosen, str) and isinstance(rejected, str):
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+      n += 1
+    cut = chosen.rfind(" ", 0, n + 1) if n < len(chosen) else n
+    cut = max(cut, 0)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+  return "", chosen, rejected
+
+
+def _split_at_first_trained(ex: Example) -> int:
+  idx = np.nonzero(ex.trained)[0]
+  return int(idx[0]) if len(idx) else len(ex.ids)
+
+
+def truncate_pair(ex: Example, seq_len: int, max_prompt_len: int) -> Example:
+  """Keep the end of the prompt (at most max_prompt_len) and the start of the response."""
+  if len(ex.ids) <= seq_len:
+    return ex
+  cut = _split_at_first_trained(ex)
+  keep_p = min(cut, max_prompt_len)
+  ids = np.concatenate([ex.ids[cut - keep_p:cut], ex.ids[cut:]])[:seq_len]
+  tr = np.concatenate([ex.trained[cut - keep_p:cut], ex.trained[cut:]])[:seq_len]
+  return Example(ids, tr, truncated=True)
+
+
+def response_example(tokenizer, prompt: Any, response: Any, where: str, add_eos: bool) -> Example:
+  bos = _adds_bos(tokenizer)
+  segs, conv = completion_segments(tokenizer, prompt, response, where)
+  return encode_segments(tokenizer, segs, bos=bos and not conv, eos=add_eos and not conv)
+
+
+def pair_example(tokenizer, row: dict, where: str, *, seq_len: int, max_prompt_len: int, add_eos: bool,
+                 too_long: str = "truncate") -> PairExample | None:
+  """prompt/chosen/rejected (explicit or implicit prompt) -> PairExample under the pair truncation policy."""
+  prompt, chosen, rejected = row.get("prompt", ""), row["chosen"], row["rejected"]
+  if not prompt:
+    prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)
+  c = response_example(tokenizer, prompt, chosen, where, add_eos)
+  r = response_example(tokenizer, prompt, rejected, where, add_eos)
+  for name, ex in (("chosen", c), ("rejected", r)):
+    if not ex.trained.any():
+      raise DataError(f"{where}: {name} response tokenizes to nothing")
+  long = max(len(c), len(r)) > seq_len
+  if long and too_long == "error":
+    raise DataError(f"{where}: {max(len(c), len(r))} tokens exceed train.seq_len={seq_len} (data.too_long=error)")
+  if long and too_long == "drop":
+    return None
+  c, r = truncate_pair(c, seq_len, max_prompt_len), truncate_pair(r, seq_len, max_prompt_len)
+  if not c.trained.any() or not r.trained.any():
+    return None
+  return PairExample(c, r, float(row.get("margin", 0.0) or 0.0), truncated=long)
+
+
+def kto_examples(tokenizer, rows: list[tuple[dict, str]], *, seq_len: int, max_prompt_len: int, add_eos: bool):
+  """Unpaired (prompt, completion, label) -> PairExample(completion, mismatched KL row, label).
+
+  The KL baseline row of example i is prompt_i + completion_{i+1} (a fixed shift, as TRL's in-batch shift).
+  """
+  singles = []
+  for row, where in rows:
+    ex = response_example(tokenizer, row["prompt"], row["completion"], where, add_eos)
+    if not ex.trained.any():
+      raise DataError(f"{where}: completion tokenizes to nothing")
+    singles.append(truncate_pair(ex, seq_len, max_prompt_len))
+  out = []
+  for i, ex in enumerate(singles):
+    nxt = singles[(i + 1) % len(singles)]
+    cut_i, cut_j = _split_at_first_trained(ex), _split_at_first_trained(nxt)
+    kl = Example(np.concatenate([ex.ids[:cut_i], nxt.ids[cut_j:]]),
+                 np.concatenate([ex.trained[:cut_i], nxt.trained[cut_j:]]))
+    kl = truncate_pair(kl, seq_len, max_prompt_len)
+    out.append(PairExample(ex, kl, 0.0, truncated=ex.truncated, label=float(rows[i][0]["label"])))
+  return out

@@ -45,7 +45,7 @@ class Stage:
 
   name: str
   step_fn: Callable  # (state, batch) -> (state, metrics)
-  eval_fn: Callable | None  # (params, batch) -> dict of sums
+  eval_fn: Callable | None  # (state, batch) -> dict of sums
   eval_metrics: Callable[[dict], dict] | None  # sums -> metrics
   export: Callable[[TrainState, str], None] | None = None  # (state, directory)
 
@@ -98,7 +98,7 @@ def fit(config, workdir: str, stage: Stage, state: TrainState, mesh, train_iter:
     abstract = abstract_like(state, state_sh)
     items, data_state = ckpt.restore(latest, {"params": abstract.params, "opt_state": abstract.opt_state,
                                               "meta": _meta(abstract)})
-    state = _from_items(items)
+    state = _from_items(items, state.frozen)
     train_iter.restore(data_state["train"])
     logging.info("resumed from %s step %d (data epoch %d, batch %d)", ckpt.mngr.directory, latest,
                  train_iter.epoch, train_iter.index)
@@ -108,14 +108,14 @@ def fit(config, workdir: str, stage: Stage, state: TrainState, mesh, train_iter:
   batch_sh = sharding.batch_sharding(mesh)
   jit_step = jax.jit(stage.step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                      donate_argnums=(0,))
-  jit_eval = jax.jit(stage.eval_fn, in_shardings=(state_sh.params, batch_sh)) if stage.eval_fn else None
+  jit_eval = jax.jit(stage.eval_fn, in_shardings=(state_sh, batch_sh)) if stage.eval_fn else None
 
   def run_eval(st: TrainState, step: int) -> dict:
     if not eval_set or jit_eval is None:
       return {}
     sums = None
     for b in eval_set:
-      out = jit_eval(st.params, to_device(b, mesh))
+      out = jit_eval(st, to_device(b, mesh))
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     m = stage.eval_metrics(fetch(sums))
     writer.write(step, "eval", m)
@@ -206,9 +206,9 @@ def _meta(state) -> dict:
   return {"step": state.step, "rng": state.rng, "skipped": state.skipped, "loss_ema": state.loss_ema}
 
 
-def _from_items(items: dict) -> TrainState:
+def _from_items(items: dict, frozen) -> TrainState:
   m = items["meta"]
-  return TrainState(m["step"], items["params"], items["opt_state"], m["rng"], m["skipped"], m["loss_ema"])
+  return TrainState(m["step"], items["params"], items["opt_state"], m["rng"], m["skipped"], m["loss_ema"], frozen)
 
 
 def _progress(config, start: int, total: int):

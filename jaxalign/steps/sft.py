@@ -32,7 +32,7 @@ def sft_step(state: TrainState, batch: dict, *, model_cfg, tx, schedule=None, gr
   return apply_update(state, grads, metrics, tx, schedule, loss_spike)
 
 
-def sft_eval(params, batch, *, model_cfg):
+def sft_eval(state: TrainState, batch, *, model_cfg):
   """Sums for an exact eval mean over many batches: {'loss_sum', 'tokens'}."""
-  nll, (n, _) = sft_loss(params, batch, model_cfg=model_cfg)
+  nll, (n, _) = sft_loss(state.params, batch, model_cfg=model_cfg)
   return {"loss_sum": nll, "tokens": n}

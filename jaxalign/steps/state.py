@@ -16,11 +16,12 @@ class TrainState(NamedTuple):
   rng: jax.Array  # uint32[2] raw key, checkpointable as a plain array.
   skipped: jax.Array  # int32: updates skipped for non-finite values (nan_policy=skip).
   loss_ema: jax.Array  # float32 running mean of the loss, for the spike guard (0 = unset).
+  frozen: Any = None  # Models read but not trained (DPO/PPO reference, reward model); never checkpointed.
 
 
-def create(params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def create(params, tx: optax.GradientTransformation, seed: int, frozen=None) -> TrainState:
   return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed),
-                    jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
+                    jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32), frozen)
 
 
 def split_microbatches(batch: dict, n: int) -> dict:
@@ -85,7 +86,7 @@ def apply_update(state: TrainState, grads, metrics: dict, tx: optax.GradientTran
   new_state = TrainState(
       step=state.step + 1, params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
       rng=jax.random.fold_in(state.rng, state.step), skipped=state.skipped + (~ok).astype(jnp.int32),
-      loss_ema=jnp.where(ok, ema, state.loss_ema))
+      loss_ema=jnp.where(ok, ema, state.loss_ema), frozen=state.frozen)
   metrics = dict(metrics, grad_norm=gnorm, nonfinite=(~finite).astype(jnp.int32),
                  spike=spike.astype(jnp.int32))
   if schedule is not None:
