@@ -82,6 +82,10 @@ def load_model(init: str, cfg: ModelConfig, mesh, rng, *, with_head: bool = Fals
   elif init:
     params = {"model": build.load_hf_sharded(init, cfg, mesh)}
     source = {"path": os.path.abspath(init), "step": None, "kind": "huggingface"}
+    if with_head:
+      head = hf.load_score_head(init, cfg, build.head_shardings(cfg, mesh))
+      if head is not None:  # An HF reward model (*ForSequenceClassification).
+        params["head"] = head
   else:
     params = {"model": build.init_sharded(cfg, mesh, rng)}
     source = {"path": None, "step": None, "kind": "scratch", "seed_key": [int(x) for x in jax.device_get(rng)]}

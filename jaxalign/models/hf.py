@@ -253,7 +253,9 @@ def load_params(path: str, cfg: ModelConfig, shardings=None, *, dtype=None) -> d
       fn = layer_map[ours[1]][1]
       host = np.stack([np.asarray(fn(st.get(n)), dtype=dtype) for n in names])
     elif ours == ("lm_head",) and names[0] not in st:
-      raise KeyError(f"{path}: lm_head.weight missing and tie_word_embeddings is false")
+      if "score.weight" not in st:
+        raise KeyError(f"{path}: lm_head.weight missing and tie_word_embeddings is false")
+      host = np.zeros((cfg.hidden_size, cfg.vocab_size), dtype)  # A *ForSequenceClassification checkpoint.
     else:
       w = np.asarray(st.get(names[0]), dtype=dtype)
       host = w.T if ours == ("lm_head",) else w
@@ -265,6 +267,22 @@ def load_params(path: str, cfg: ModelConfig, shardings=None, *, dtype=None) -> d
     _set(params, ours, arr)
     del host
   return params
+
+
+def load_score_head(path: str, cfg: ModelConfig, sharding=None) -> dict | None:
+  """The scalar head of an HF *ForSequenceClassification checkpoint (num_labels=1), or None."""
+  import jax.numpy as jnp
+
+  st = SafetensorsDir(path)
+  if "score.weight" not in st:
+    return None
+  w = np.asarray(st.get("score.weight"), dtype=np.dtype(cfg.param_dtype))
+  if w.shape != (1, cfg.hidden_size):
+    raise ValueError(f"{path}: score.weight has shape {w.shape}; a reward model needs num_labels=1")
+  w = w[0]
+  if sharding is None:
+    return {"w": jnp.asarray(w)}
+  return {"w": jax.make_array_from_callback(w.shape, sharding["w"], lambda idx: w[idx])}
 
 
 def _to_host(x) -> np.ndarray:
