@@ -39,6 +39,8 @@ STAGES = {
     "sft": ("jaxalign.loops.offline", "train_sft"),
     "reward": ("jaxalign.loops.preference", "train_reward"),
     "dpo": ("jaxalign.loops.preference", "train_dpo"),
+    "ppo": ("jaxalign.loops.online", "train_ppo"),
+    "grpo": ("jaxalign.loops.online", "train_grpo"),
 }
 
 

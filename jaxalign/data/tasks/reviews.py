@@ -163,3 +163,13 @@ def write_task(directory: str, seed: int = 0, n_sft: int = 4000, n_pref: int = 2
               f, indent=2)
   paths["info"] = os.path.join(directory, "task.json")
   return paths
+
+
+def gold_reward_fn(prompts: list[str], completions: list[str], **_) -> list[float]:
+  """Reward function (TRL signature) for GRPO/evaluation: the gold sentiment of prompt + completion."""
+  return [gold_reward(p + c) for p, c in zip(prompts, completions)]
+
+
+def fluency_fn(prompts: list[str], completions: list[str], **_) -> list[float]:
+  """1.0 where prompt + completion is grammatical, else 0.0."""
+  return [float(is_fluent(p + c)) for p, c in zip(prompts, completions)]
