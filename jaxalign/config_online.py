@@ -7,6 +7,7 @@ import ml_collections
 
 def add_online_groups(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.data.format = "prompt"  # Any records with a `prompt` field.
+  c.data.dedup = False  # Repeated prompts are legitimate samples here.
   c.rollout = ml_collections.ConfigDict()
   c.rollout.batch_size = 16  # Prompts per iteration (global).
   c.rollout.prompt_len = 64  # Prompt bucket (left-padded; longer prompts keep their end).

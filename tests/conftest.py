@@ -69,3 +69,16 @@ def task_sft(tmp_path_factory):
                     checkpoint__every=150, logging__progress=False, logging__tensorboard=False, export__hf=False)
   offline.train_sft(cfg, str(root / "sft"))
   return {**paths, "sft": str(root / "sft"), "root": str(root)}
+
+
+@pytest.fixture(scope="session")
+def task_rm(task_sft, tmp_path_factory):
+  """A reward model trained from the task's SFT run (shared by the online-RL tests)."""
+  from jaxalign.loops import preference
+
+  wd = str(tmp_path_factory.mktemp("rm") / "rm")
+  cfg = load_config("reward", "tiny", model__init=task_sft["sft"], data__train=task_sft["pref_train"],
+                    data__eval=task_sft["pref_eval"], train__steps=150, train__batch_size=16, eval__every=150,
+                    logging__progress=False, logging__tensorboard=False, export__hf=False)
+  preference.train_reward(cfg, wd)
+  return wd

@@ -254,6 +254,8 @@ def _run(config, workdir: str, *, stage: str, init_items: dict, make_iteration: 
   stop_at = min(total, it + config.train.run_steps) if config.train.run_steps else total
   watchdog = Watchdog()
   step_fn = make_iteration(items)
+  if it == 0:  # The starting policy's eval row (step 0) is the baseline every later eval is read against.
+    evaluator(_policy_params(items), 0, writer)
   with _SigTerm() as sig:
     while it < stop_at:
       toks, mask = next(prompt_iter)
@@ -413,7 +415,7 @@ def train_grpo(config, workdir: str):
   items_sh = jax.tree.map(lambda x: x.sharding, items)
   frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
   bs = sharding.batch_sharding(mesh)
-  j_roll = jax.jit(rollout, in_shardings=(items_sh, frozen_sh, bs, bs))
+  j_roll = jax.jit(rollout, in_shardings=(items_sh, frozen_sh, bs, bs), out_shardings=bs)
   j_upd = jax.jit(update, in_shardings=(items_sh, frozen_sh, bs, bs), out_shardings=(items_sh, None),
                   donate_argnums=(0,))
 
