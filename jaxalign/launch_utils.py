@@ -41,6 +41,7 @@ STAGES = {
     "dpo": ("jaxalign.loops.preference", "train_dpo"),
     "ppo": ("jaxalign.loops.online", "train_ppo"),
     "grpo": ("jaxalign.loops.online", "train_grpo"),
+    "evaluate": ("jaxalign.loops.evaluate", "evaluate"),
 }
 
 
