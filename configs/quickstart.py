@@ -48,7 +48,7 @@ def get_config(arg: str | None = None):
                                      "value.learning_rate": 5e-4, "ppo.kl_coef": 0.05, "ppo.target_kl": 4.0,
                                      "ppo.kl_horizon": 2000, "eval.every": 20, "checkpoint.every": 60})
   stages.grpo = dict({**common, **online, "rollout.batch_size": 16, "grpo.group_size": 4,
-                                      "train.steps": 60, "optimizer.learning_rate": 1.5e-4, "grpo.kl_coef": 0.05,
+                                      "train.steps": 60, "optimizer.learning_rate": 1e-4, "grpo.kl_coef": 0.2,
                                       "eval.every": 20, "checkpoint.every": 60})
   stages.evaluate = dict({**common, "rollout.prompt_len": 8, "rollout.max_new_tokens": 32,
                                           "reward.eval_functions": (GOLD, FLUENT), "rollout.batch_size": 32,

@@ -84,11 +84,29 @@ def mask_updates(mask) -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
+def lora_labels(params):
+  """'train' for adapters (and any scalar head), 'frozen' for the base weights of a LoRA model."""
+  def rule(path, _):
+    name = _path(path)
+    return "train" if ("lora_" in name or name.startswith("head")) else "frozen"
+  return jax.tree_util.tree_map_with_path(rule, params)
+
+
+def has_adapters(params) -> bool:
+  return any("lora_" in _path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+
+
 def make_optimizer(ocfg, params, total_steps: int, freeze=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """(tx, schedule). `params` may be abstract (shapes only). `freeze` overrides optimizer.freeze."""
+  """(tx, schedule). `params` may be abstract (shapes only). `freeze` overrides optimizer.freeze.
+
+  With LoRA adapters present only they (and a scalar head) are trained; the base weights get no optimizer
+  state at all (optax.multi_transform with set_to_zero), so the optimizer costs adapter-sized memory."""
+  if has_adapters(params) and freeze != "inner":
+    inner, sched = make_optimizer(ocfg, params, total_steps, freeze="inner")
+    return optax.multi_transform({"train": inner, "frozen": optax.set_to_zero()}, lora_labels(params)), sched
   sched = make_schedule(ocfg, total_steps)
   parts = []
-  fmask = freeze_mask(params, ocfg.freeze if freeze is None else freeze)
+  fmask = freeze_mask(params, ocfg.freeze if freeze in (None, "inner") else freeze)
   frozen = any(np.any(np.asarray(m) == 0) for m in jax.tree.leaves(fmask))
   if frozen:
     parts.append(mask_updates(fmask))

@@ -301,7 +301,12 @@ def train_sft(config, workdir: str) -> TrainState:
 
 
 def export_hf(workdir: str, model_cfg, params, tok, head=None, dtype=None) -> str:
+  """WORKDIR/export/hf as a transformers checkpoint; LoRA adapters are merged into the weights."""
   out = os.path.join(workdir, "export", "hf")
+  if model_cfg.lora_rank:
+    from jaxalign.models import lora
+    params = jax.jit(lora.merge, static_argnums=0)(model_cfg, params)
+    model_cfg = model_cfg.replace(lora_rank=0)
   hf.save_params(out, model_cfg, params, head=head, dtype=dtype, tokenizer=tok)
   logging.info("exported a Hugging Face checkpoint to %s", out)
   return out

@@ -89,8 +89,8 @@ def load_reference(config, model_cfg, mesh):
   init = config.reference.init or config.model.init
   if not init:
     raise ValueError("DPO needs a reference: set model.init to an SFT run or HF checkpoint (or reference.init)")
-  ref_cfg = setup.resolve_model_config(init, config.model)
-  if ref_cfg.replace(**setup.model_overrides(config.model)) != model_cfg:
+  ref_cfg = setup.resolve_model_config(init, config.model).replace(lora_rank=0)
+  if ref_cfg != model_cfg:
     raise ValueError(f"reference.init={init}: architecture differs from the policy's ({model_cfg.family}, "
                      f"{model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}); DPO needs the same model")
   params, source = setup.load_model(init, model_cfg, mesh, jax.random.PRNGKey(0), key="reference.init")
@@ -126,11 +126,13 @@ def train_dpo(config, workdir: str):
   write_reports(workdir, reports)
   sources = {"model": source}
   frozen = None
-  if kto or config.loss.type not in dpo_steps.REFERENCE_FREE:
-    ref, sources["reference"] = load_reference(config, model_cfg, mesh)
+  if model_cfg.lora_rank and not config.reference.init and not config.reference.precompute:
+    sources["reference"] = dict(source, note="the policy's base weights with LoRA adapters off")
+  elif kto or config.loss.type not in dpo_steps.REFERENCE_FREE:
+    ref, sources["reference"] = load_reference(config, model_cfg.replace(lora_rank=0), mesh)
     if config.reference.precompute:
       for exs in (train, evals):
-        precompute_reference(model_cfg, ref, exs, mesh, config.eval.batch_size, config.train.seq_len,
+        precompute_reference(model_cfg.replace(lora_rank=0), ref, exs, mesh, config.eval.batch_size, config.train.seq_len,
                              tuple(config.data.buckets))
       sources["reference"]["precomputed"] = True
       del ref

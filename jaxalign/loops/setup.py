@@ -9,13 +9,14 @@ import jax
 
 from jaxalign import checkpoint, sharding
 from jaxalign.data import tokenize
-from jaxalign.models import build, heads, hf, transformer
+from jaxalign.models import build, heads, hf, lora, transformer
 from jaxalign.models.config import ModelConfig, preset
 
 
 def model_overrides(model_cfg) -> dict:
   return dict(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, remat=model_cfg.remat,
-              scan_layers=model_cfg.scan_layers, attention=model_cfg.attention)
+              scan_layers=model_cfg.scan_layers, attention=model_cfg.attention, lora_rank=model_cfg.lora_rank,
+              lora_alpha=model_cfg.lora_alpha, lora_targets=tuple(model_cfg.lora_targets))
 
 
 def tokenizer_path(init: str, explicit: str = "") -> str:
@@ -70,25 +71,34 @@ def _round_up(x: int, m: int) -> int:
 
 def load_model(init: str, cfg: ModelConfig, mesh, rng, *, with_head: bool = False, key: str = "model.init"):
   """Params {'model': ..., ['head': ...]} placed with their shardings, and where they came from."""
-  shard = build.param_shardings(cfg, mesh)
+  base_cfg = cfg.replace(lora_rank=0)
+  shard = build.param_shardings(base_cfg, mesh)
   if checkpoint.is_run_dir(init):
     info = checkpoint.read_run_info(init)
-    want = {"model": checkpoint.abstract_like(transformer.abstract_params(cfg)[0], shard)}
+    saved_cfg = checkpoint.model_config_from_dict(info["model_config"])
+    src_cfg = base_cfg.replace(lora_rank=saved_cfg.lora_rank, lora_alpha=saved_cfg.lora_alpha,
+                               lora_targets=saved_cfg.lora_targets)
+    want = {"model": checkpoint.abstract_like(transformer.abstract_params(src_cfg)[0],
+                                              build.param_shardings(src_cfg, mesh))}
     has_head = info.get("has_head", False)
     if with_head and has_head:
       want["head"] = checkpoint.abstract_like(heads.head_shapes(cfg), build.head_shardings(cfg, mesh))
     params, step = checkpoint.restore_params_from_run(init, want)
+    if src_cfg.lora_rank:  # An adapted run: fold its adapters in; this stage starts from the merged model.
+      params["model"] = jax.jit(lambda p: lora.merge(src_cfg, p), out_shardings=shard)(params["model"])
     source = {"path": os.path.abspath(init), "step": step, "kind": "jaxalign", "stage": info.get("stage")}
   elif init:
-    params = {"model": build.load_hf_sharded(init, cfg, mesh)}
+    params = {"model": build.load_hf_sharded(init, base_cfg, mesh)}
     source = {"path": os.path.abspath(init), "step": None, "kind": "huggingface"}
     if with_head:
       head = hf.load_score_head(init, cfg, build.head_shardings(cfg, mesh))
       if head is not None:  # An HF reward model (*ForSequenceClassification).
         params["head"] = head
   else:
-    params = {"model": build.init_sharded(cfg, mesh, rng)}
+    params = {"model": build.init_sharded(base_cfg, mesh, rng)}
     source = {"path": None, "step": None, "kind": "scratch", "seed_key": [int(x) for x in jax.device_get(rng)]}
+  if cfg.lora_rank:
+    params["model"] = build.add_adapters(cfg, params["model"], mesh, jax.random.fold_in(rng, 7))
   if with_head and "head" not in params:
     params["head"] = build.init_head_sharded(cfg, mesh, jax.random.fold_in(rng, 1))
   logging.info("%s: %s model (%s, %.2fM params) from %s", key, cfg.family, cfg.dtype, cfg.num_params() / 1e6,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 
 from jaxalign import sharding
@@ -25,6 +27,27 @@ def init_sharded(cfg: ModelConfig, mesh, rng: jax.Array, rules=None) -> dict:
 
 def init_head_sharded(cfg: ModelConfig, mesh, rng: jax.Array) -> dict:
   return jax.jit(lambda r: heads.init_head(cfg, r), out_shardings=head_shardings(cfg, mesh))(rng)
+
+
+def add_adapters(cfg: ModelConfig, params: dict, mesh, rng: jax.Array, rules=None) -> dict:
+  """Base params + fresh LoRA adapters (A random, B zero), created sharded."""
+  from jaxalign.models import lora
+  specs = lora.adapter_specs(cfg)
+  shapes = {k: jax.ShapeDtypeStruct(s, jax.numpy.dtype(cfg.param_dtype)) for k, (s, _, _) in specs.items()}
+  shard = sharding.tree_shardings(shapes, {k: a for k, (_, a, _) in specs.items()}, mesh, rules)
+
+  def init(r):
+    out = {}
+    for i, (k, (s, _, kind)) in enumerate(sorted(specs.items())):
+      if kind == "zeros":
+        out[k] = jax.numpy.zeros(s, cfg.param_dtype)
+      else:
+        fan_in = max(1, math.prod(s[1:-1]))
+        out[k] = (jax.random.normal(jax.random.fold_in(r, i), s) / fan_in ** 0.5).astype(cfg.param_dtype)
+    return out
+
+  adapters = jax.jit(init, out_shardings=shard)(rng)
+  return {**params, "layers": {**params["layers"], **adapters}}
 
 
 def load_hf_sharded(path: str, cfg: ModelConfig, mesh, rules=None) -> dict:

@@ -6,6 +6,9 @@ import dataclasses
 from typing import Any
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+# Adapter factor shapes per target, as (A dims, B dims) einsum letters: d hidden, n/k heads, h head dim, f mlp.
+LORA_SHAPES = {"wq": ("d", "nh"), "wk": ("d", "kh"), "wv": ("d", "kh"), "wo": ("nh", "d"),
+               "w_gate": ("d", "f"), "w_up": ("d", "f"), "w_down": ("f", "d")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +48,9 @@ class ModelConfig:
   scan_layers: bool = True  # lax.scan over the stacked layers: compile time independent of depth.
   attention: str = "auto"  # 'auto' | 'dense' | 'blockwise'.
   attention_block: int = 128  # Key block size of blockwise attention.
+  lora_rank: int = 0  # > 0 adds low-rank adapters (B = 0 at init) to `lora_targets`.
+  lora_alpha: float = 16.0  # Adapter scale alpha / rank.
+  lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")  # Any of wq wk wv wo w_gate w_up w_down.
 
   def __post_init__(self):
     if self.family not in FAMILIES:
@@ -57,6 +63,9 @@ class ModelConfig:
       raise ValueError(f"remat={self.remat!r}: expected none|full|dots")
     if self.attention not in ("auto", "dense", "blockwise"):
       raise ValueError(f"attention={self.attention!r}: expected auto|dense|blockwise")
+    bad = set(self.lora_targets) - set(LORA_SHAPES)
+    if bad:
+      raise ValueError(f"lora_targets {sorted(bad)}: expected a subset of {sorted(LORA_SHAPES)}")
     if self.layer_types is not None and len(self.layer_types) != self.num_layers:
       raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxalign.models import lora
 from jaxalign.models.attention import dense_attention, make_mask
 from jaxalign.models.config import ModelConfig
 
@@ -43,6 +44,9 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache
 def _param(rngs, shape, axes, dtype, init="normal"):
   if init == "normal":
     value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)
+  elif init == "lora_a":  # Fan-in scaled, as the usual Kaiming init of A.
+    fan_in = int(np.prod(shape[1:-1]))
+    value = jax.random.normal(rngs.params(), shape, jnp.float32) / np.sqrt(fan_in)
   elif init == "ones":
     value = jnp.ones(shape, jnp.float32)
   else:
@@ -81,13 +85,17 @@ class Transformer(nnx.Module):
     if cfg.post_norms:
       layers.update(post_attn_norm=_param(rngs, (l, d), ("layers", "norm"), pd, norm_init),
                     post_mlp_norm=_param(rngs, (l, d), ("layers", "norm"), pd, norm_init))
+    if cfg.lora_rank:
+      for name, (shape, axes, init) in lora.adapter_specs(cfg).items():
+        layers[name] = _param(rngs, shape, axes, pd, init)
     self.layers = nnx.Dict(layers)
     self.final_norm = _param(rngs, (d,), ("norm",), pd, norm_init)
     if not cfg.tie_embeddings:
       self.lm_head = _param(rngs, (d, v), ("embed", "vocab"), pd)
 
-  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache: KVCache | None = None):
-    h_BTD, cache = self.hidden_states(tokens_BT, positions_BT, segment_ids_BT, cache)
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache: KVCache | None = None,
+               use_lora: bool = True):
+    h_BTD, cache = self.hidden_states(tokens_BT, positions_BT, segment_ids_BT, cache, use_lora)
     return self.logits(h_BTD), cache
 
   def logits(self, h_BTD) -> jax.Array:
@@ -104,8 +112,11 @@ class Transformer(nnx.Module):
       logits_BTV = jnp.tanh(logits_BTV / cfg.final_softcap) * cfg.final_softcap
     return logits_BTV
 
-  def hidden_states(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache: KVCache | None = None):
-    """Token ids -> final-normed hidden states [B, T, D] (float32) and the updated cache."""
+  def hidden_states(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache: KVCache | None = None,
+                    use_lora: bool = True):
+    """Token ids -> final-normed hidden states [B, T, D] (float32) and the updated cache.
+
+    `use_lora=False` runs the base model of a LoRA-adapted one (the reference, without a second copy)."""
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     b, t = tokens_BT.shape
@@ -132,7 +143,7 @@ class Transformer(nnx.Module):
 
     def body(x_BTD, layer):
       p, window, kv = layer
-      x_BTD, kv = _block(cfg, p, x_BTD, sin_BTH, cos_BTH, mask_args, window, kv, cache)
+      x_BTD, kv = _block(cfg, p, x_BTD, sin_BTH, cos_BTH, mask_args, window, kv, cache, use_lora)
       return x_BTD, kv
 
     if cfg.remat != "none":
@@ -208,13 +219,21 @@ def _act(cfg: ModelConfig, x):
   return jax.nn.silu(x) if cfg.act == "silu" else jax.nn.gelu(x, approximate=True)
 
 
-def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_args, window, kv, cache):
+def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_args, window, kv, cache,
+           use_lora: bool = True):
   dt = x_BTD.dtype
   c = lambda name: p[name].astype(dt)  # noqa: E731
+
+  def proj(eq, x, name):
+    y = jnp.einsum(eq, x, c(name))
+    if use_lora and f"lora_a_{name}" in p:
+      y = y + lora.delta(cfg, p, name, x)
+    return y
+
   h_BTD = rms_norm(x_BTD, p["attn_norm"], cfg)
-  q_BTNH = jnp.einsum("btd,dnh->btnh", h_BTD, c("wq"))
-  k_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, c("wk"))
-  v_BTKH = jnp.einsum("btd,dkh->btkh", h_BTD, c("wv"))
+  q_BTNH = proj("btd,dnh->btnh", h_BTD, "wq")
+  k_BTKH = proj("btd,dkh->btkh", h_BTD, "wk")
+  v_BTKH = proj("btd,dkh->btkh", h_BTD, "wv")
   if cfg.qkv_bias:
     q_BTNH, k_BTKH, v_BTKH = q_BTNH + c("bq"), k_BTKH + c("bk"), v_BTKH + c("bv")
   if cfg.qk_norm:
@@ -232,13 +251,13 @@ def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_ar
   mask_BTS = make_mask(*mask_args, window)
   scale = (cfg.query_scale or cfg.head_dim) ** -0.5
   o_BTNH = attend(cfg, q_BTNH, k_use, v_use, mask_BTS, scale)
-  o_BTD = jnp.einsum("btnh,nhd->btd", o_BTNH, c("wo"))
+  o_BTD = proj("btnh,nhd->btd", o_BTNH, "wo")
   if cfg.post_norms:
     o_BTD = rms_norm(o_BTD, p["post_attn_norm"], cfg)
   x_BTD = x_BTD + o_BTD
   h_BTD = rms_norm(x_BTD, p["mlp_norm"], cfg)
-  g_BTF = _act(cfg, jnp.einsum("btd,df->btf", h_BTD, c("w_gate"))) * jnp.einsum("btd,df->btf", h_BTD, c("w_up"))
-  m_BTD = jnp.einsum("btf,fd->btd", g_BTF, c("w_down"))
+  g_BTF = _act(cfg, proj("btd,df->btf", h_BTD, "w_gate")) * proj("btd,df->btf", h_BTD, "w_up")
+  m_BTD = proj("btf,fd->btd", g_BTF, "w_down")
   if cfg.post_norms:
     m_BTD = rms_norm(m_BTD, p["post_mlp_norm"], cfg)
   return x_BTD + m_BTD, kv
@@ -280,10 +299,12 @@ def bind(cfg: ModelConfig, params: dict) -> Transformer:
   return nnx.merge(graphdef(cfg), params)
 
 
-def forward(cfg: ModelConfig, params, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None):
+def forward(cfg: ModelConfig, params, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None,
+            use_lora: bool = True):
   """Pure forward: float32 logits [B, T, V] and the updated cache."""
-  return bind(cfg, params)(tokens_BT, positions_BT, segment_ids_BT, cache)
+  return bind(cfg, params)(tokens_BT, positions_BT, segment_ids_BT, cache, use_lora)
 
 
-def hidden_states(cfg: ModelConfig, params, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None):
-  return bind(cfg, params).hidden_states(tokens_BT, positions_BT, segment_ids_BT, cache)
+def hidden_states(cfg: ModelConfig, params, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None,
+                  use_lora: bool = True):
+  return bind(cfg, params).hidden_states(tokens_BT, positions_BT, segment_ids_BT, cache, use_lora)

@@ -18,19 +18,25 @@ from jaxalign.steps.state import TrainState, accumulate, apply_update
 REFERENCE_FREE = ("simpo", "orpo")
 
 
-def response_logps(model_cfg, params, batch):
+def response_logps(model_cfg, params, batch, use_lora: bool = True):
   """(sum of response-token log-probs [B, 2], response token counts [B, 2])."""
   b, _, t = batch["tokens"].shape
   flat = lambda k: batch[k].reshape(2 * b, t)  # noqa: E731
-  logits, _ = transformer.forward(model_cfg, params, flat("tokens"), flat("positions"), flat("segment_ids"))
+  logits, _ = transformer.forward(model_cfg, params, flat("tokens"), flat("positions"), flat("segment_ids"),
+                                  use_lora=use_lora)
   lp_BT = token_logprobs(logits, flat("targets")) * flat("weights")
   return lp_BT.sum(-1).reshape(b, 2), flat("weights").sum(-1).reshape(b, 2)
 
 
-def reference_logps(model_cfg, frozen, batch):
+def reference_logps(model_cfg, frozen, batch, params=None):
+  """Precomputed (batch['ref_logps']), a frozen reference, or, for LoRA, the policy with adapters off."""
   if "ref_logps" in batch:
     return batch["ref_logps"]
-  return jax.lax.stop_gradient(response_logps(model_cfg, frozen["reference"], batch)[0])
+  if frozen and "reference" in frozen:
+    return jax.lax.stop_gradient(response_logps(model_cfg.replace(lora_rank=0), frozen["reference"], batch)[0])
+  if model_cfg.lora_rank:
+    return jax.lax.stop_gradient(response_logps(model_cfg, params, batch, use_lora=False)[0])
+  raise ValueError("DPO needs reference log-probs: a frozen reference, precomputed ref_logps, or LoRA")
 
 
 def dpo_loss(params, batch, frozen, *, model_cfg, loss_cfg):
@@ -40,7 +46,7 @@ def dpo_loss(params, batch, frozen, *, model_cfg, loss_cfg):
   if loss_cfg.type in REFERENCE_FREE:
     ref = jnp.zeros_like(lp)
   else:
-    ref = reference_logps(model_cfg, frozen, batch)
+    ref = reference_logps(model_cfg, frozen, batch, params["model"])
   valid = batch["valid"]
   losses, rew_c, rew_r = preference.preference_loss(
       loss_cfg.type, pc=lp[:, 0], pr=lp[:, 1], rc=ref[:, 0], rr=ref[:, 1], pc_mean=mean[:, 0], pr_mean=mean[:, 1],
@@ -77,7 +83,7 @@ def kto_loss(params, batch, frozen, *, model_cfg, loss_cfg):
   """`batch`: tokens.. [B, 2, T] with row 0 the completion and row 1 a mismatched (prompt_i, completion_j)
   for the KL baseline; label [B] (1 = desirable); valid [B]."""
   lp, _ = response_logps(model_cfg, params["model"], batch)
-  ref = reference_logps(model_cfg, frozen, batch)
+  ref = reference_logps(model_cfg, frozen, batch, params["model"])
   valid = batch["valid"]
   kl = jax.lax.stop_gradient(jnp.maximum(jnp.sum((lp[:, 1] - ref[:, 1]) * valid) / jnp.maximum(valid.sum(), 1), 0.0))
   losses, rew = preference.kto(lp[:, 0], ref[:, 0], batch["label"] > 0, kl, loss_cfg.beta,

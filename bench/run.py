@@ -1,0 +1,126 @@
+"""Side-by-side benchmarks: jaxalign, the plain-JAX floor and the PyTorch peers, in one run.
+
+  python3 bench/run.py                 # everything (PyTorch peers need `pip install -e .[bench]`)
+  python3 bench/run.py --only=sft      # one group: sft | pairs | sampler | scaling | peak
+
+Each contender runs in its own subprocess (separate thread pools), one after another; the parent prints a
+table with medians, min/max and ratios measured in this same run, and writes bench/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+JOBS = {
+    "peak": [("peak_matmul", "peak_matmul_flops", {})],
+    "sft": [("jaxalign_sft", "jaxalign_sft", {}), ("plain_jax_sft", "plain_jax_sft", {}),
+            ("torch_sft", "torch_sft", {})],
+    "pairs": [("jaxalign_reward", "jaxalign_pairs", {"kind": "reward"}), ("jaxalign_dpo", "jaxalign_pairs", {"kind": "dpo"}),
+              ("torch_dpo", "torch_dpo", {})],
+    "sampler": [("jaxalign_sampler", "jaxalign_sampler", {}), ("torch_generate", "torch_generate", {})],
+    "scaling": [(f"jaxalign_sft_T{t}", "jaxalign_sft", {"seq": t, "batch": max(1, 2048 // t), "steps": 5})
+                for t in (128, 256, 512, 1024, 2048)] +
+               [(f"jaxalign_sft_B{b}", "jaxalign_sft", {"batch": b, "steps": 5}) for b in (2, 4, 8, 16)],
+}
+
+
+def _one(fn: str, kwargs: dict):
+  from bench import workloads
+  return getattr(workloads, fn)(**kwargs)
+
+
+def _spawn(name, fn, kwargs):
+  cmd = [sys.executable, os.path.abspath(__file__), "--one", fn, "--kwargs", json.dumps(kwargs)]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  t = time.time()
+  out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(HERE))
+  if out.returncode != 0:
+    tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["?"]
+    print(f"  {name}: not measured ({tail[0][:160]})", flush=True)
+    return None
+  res = json.loads(out.stdout.strip().splitlines()[-1])
+  print(f"  {name}: {json.dumps(res)} ({time.time() - t:.0f}s)", flush=True)
+  return res
+
+
+def report(r: dict) -> list[str]:
+  from bench import workloads as W
+  lines = []
+  peak = r.get("peak_matmul", {}).get("flops")
+
+  def tps(k):
+    x = r.get(k)
+    return x["tokens_per_step"] / x["median_s"] if x else None
+
+  rows = [("SFT step (tokens/s)", "jaxalign_sft", "plain_jax_sft", "torch_sft", tps)]
+  lines.append("| figure | jaxalign | plain JAX | PyTorch eager | jaxalign / plain JAX | jaxalign / PyTorch |")
+  lines.append("|---|---|---|---|---|---|")
+  for label, a, b, c, f in rows:
+    va, vb, vc = f(a), f(b), f(c)
+    lines.append(f"| {label} | {_n(va)} | {_n(vb)} | {_n(vc)} | {_ratio(va, vb)} | {_ratio(va, vc)} |")
+  pairs = lambda k: (r[k]["pairs_per_step"] / r[k]["median_s"]) if r.get(k) else None  # noqa: E731
+  lines.append(f"| DPO step (pairs/s) | {_n(pairs('jaxalign_dpo'))} | - | {_n(pairs('torch_dpo'))} | - | "
+               f"{_ratio(pairs('jaxalign_dpo'), pairs('torch_dpo'))} |")
+  lines.append(f"| reward-model step (pairs/s) | {_n(pairs('jaxalign_reward'))} | - | - | - | - |")
+  ntok = lambda k: (r[k]["new_tokens"] / r[k]["median_s"]) if r.get(k) else None  # noqa: E731
+  lines.append(f"| sampler (new tokens/s) | {_n(ntok('jaxalign_sampler'))} | - | {_n(ntok('torch_generate'))} (generate) "
+               f"| - | {_ratio(ntok('jaxalign_sampler'), ntok('torch_generate'))} |")
+  lines.append("")
+  comp = {k: v["compile_s"] for k, v in r.items() if isinstance(v, dict) and v.get("compile_s")}
+  if comp:
+    lines.append("Compile time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in comp.items()))
+  if peak and r.get("jaxalign_sft"):
+    achieved = W.model_flops_per_token() * tps("jaxalign_sft")
+    lines.append(f"Model FLOP/s of the jaxalign SFT step: {achieved / 1e9:.1f} GFLOP/s; measured peak f32 matmul: "
+                 f"{peak / 1e9:.1f} GFLOP/s; MFU {achieved / peak:.1%}")
+  scal = [(k, v) for k, v in r.items() if k.startswith("jaxalign_sft_") and v]
+  if scal:
+    lines.append("")
+    lines.append("| scaling run | tokens/step | median step (s) | tokens/s |")
+    lines.append("|---|---|---|---|")
+    for k, v in scal:
+      lines.append(f"| {k} | {v['tokens_per_step']} | {v['median_s']:.3f} | {v['tokens_per_step'] / v['median_s']:.0f} |")
+  return lines
+
+
+def _n(x):
+  return "-" if x is None else f"{x:,.0f}"
+
+
+def _ratio(a, b):
+  return "-" if a is None or b is None else f"{a / b:.2f}x"
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--only", default="peak,sft,pairs,sampler,scaling")
+  ap.add_argument("--one", default=None)
+  ap.add_argument("--kwargs", default="{}")
+  ap.add_argument("--out", default=os.path.join(HERE, "results.json"))
+  a = ap.parse_args()
+  if a.one:
+    print(json.dumps(_one(a.one, json.loads(a.kwargs))))
+    return
+  results = {}
+  for group in a.only.split(","):
+    print(f"[{group}]", flush=True)
+    for name, fn, kw in JOBS[group]:
+      results[name] = _spawn(name, fn, kw)
+  import platform
+  meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M"),
+          "command": "python3 bench/run.py --only=" + a.only}
+  with open(a.out, "w") as f:
+    json.dump({"meta": meta, "results": results}, f, indent=2)
+  print("\n".join(report(results)))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,203 @@
+"""Preemption (SIGTERM), hard kills (SIGKILL, also mid-save), NaN policies, and bad inputs with clear errors."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from jaxalign import checkpoint
+from jaxalign.data import batching
+from jaxalign.loops import offline, setup
+from jaxalign.loops.offline import NonFiniteError
+from jaxalign.models import transformer
+from jaxalign.models.config import preset
+from tests.conftest import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+
+
+def _cmd(tiny, wd, steps=40):
+  return [sys.executable, "launch/train.py", "--config=configs/sft.py:tiny", f"--workdir={wd}",
+          f"--config.model.init={tiny['model']}", f"--config.data.train={tiny['train']}",
+          f"--config.data.eval={tiny['eval']}", f"--config.train.steps={steps}", "--config.checkpoint.every=2",
+          "--config.logging.every=1", "--config.eval.every=0", "--config.logging.progress=false",
+          "--config.logging.tensorboard=false", "--config.train.batch_size=4"]
+
+
+def _train_losses(wd):
+  out = {}
+  with open(os.path.join(wd, "metrics.jsonl")) as f:
+    for r in map(json.loads, f):
+      if r["split"] == "train":
+        assert out.setdefault(r["step"], r["loss"]) == r["loss"]  # A replayed step gives the same loss.
+  return out
+
+
+@pytest.fixture(scope="module")
+def straight(tiny, tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp("straight") / "run")
+  out = subprocess.run(_cmd(tiny, wd), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  return wd
+
+
+def _wait_for_rows(wd, n, proc, timeout=300):
+  t = time.time()
+  while time.time() - t < timeout:
+    if proc.poll() is not None:
+      return
+    try:
+      with open(os.path.join(wd, "metrics.jsonl")) as f:
+        if sum(1 for _ in f) >= n:
+          return
+    except FileNotFoundError:
+      pass
+    time.sleep(0.2)
+
+
+def test_sigterm_saves_exits_zero_and_resumes(tiny, straight, tmp_path):
+  wd = str(tmp_path / "run")
+  proc = subprocess.Popen(_cmd(tiny, wd), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+  _wait_for_rows(wd, 7, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-2000:]
+  assert "preempted at step" in out and "rerun the same command to resume" in out
+  saved = checkpoint.Checkpointer(os.path.join(wd, "checkpoints")).latest_step()
+  assert 7 <= saved < 40
+  assert max(_train_losses(wd)) == saved  # The step in flight finished and was saved.
+  rerun = subprocess.run(_cmd(tiny, wd), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+  assert rerun.returncode == 0
+  assert _train_losses(wd) == _train_losses(straight)
+
+
+def test_sigkill_at_random_points_resumes_to_identical_params(tiny, straight, tmp_path):
+  wd = str(tmp_path / "run")
+  rng = random.Random(0)
+  kills = 0
+  for _ in range(8):
+    proc = subprocess.Popen(_cmd(tiny, wd), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_rows(wd, 1, proc)  # Past start-up, so the kill lands in training or in a checkpoint save.
+    time.sleep(rng.uniform(0.0, 2.5))
+    if proc.poll() is not None:
+      break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kills += 1
+  final = subprocess.run(_cmd(tiny, wd), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+  assert final.returncode == 0, final.stderr[-2000:]
+  assert kills >= 3
+  assert _train_losses(wd) == _train_losses(straight)
+  a = open(os.path.join(wd, "export", "hf", "model.safetensors"), "rb").read()
+  b = open(os.path.join(straight, "export", "hf", "model.safetensors"), "rb").read()
+  assert a == b  # Final params identical to the uninterrupted run, bit for bit.
+
+
+class _NaNAt:
+  """Wraps a batch iterator and poisons the batch of one step (its loss weights become NaN)."""
+
+  def __init__(self, it, at):
+    self.it, self.at, self.n = it, at, 0
+
+  def __getattr__(self, k):
+    return getattr(self.it, k)
+
+  def __next__(self):
+    b = next(self.it)
+    self.n += 1
+    if self.n == self.at:
+      b = dict(b, weights=np.where(b["weights"] > 0, np.nan, 0).astype(np.float32))
+    return b
+
+
+def _nan_run(tiny, wd, policy):
+  cfg = load_config("sft", "tiny", model__init=tiny["model"], data__train=tiny["train"], data__eval=tiny["eval"],
+                    train__steps=8, train__nan_policy=policy, checkpoint__every=2, eval__every=0,
+                    logging__every=1, logging__progress=False, logging__tensorboard=False, export__hf=False,
+                    train__batch_size=8)
+  mesh, tok, model_cfg, params, _ = offline.prepare(cfg, wd)
+  train, evals, _ = offline.sft_examples(cfg, tok)
+  import functools
+  import jax
+  from jaxalign.metrics import MetricWriter
+  from jaxalign.optim import make_optimizer
+  from jaxalign.steps import sft as sft_steps
+  from jaxalign.steps.state import create
+  tx, sched = make_optimizer(cfg.optimizer, params, 8)
+  state = jax.jit(functools.partial(create, tx=tx, seed=0))(params)
+  it = _NaNAt(batching.BatchIterator(train, batch_size=8, seq_len=64, seed=0, pack=True), at=5)
+  stage = offline.Stage("sft", functools.partial(sft_steps.sft_step, model_cfg=model_cfg, tx=tx, schedule=sched),
+                        None, None)
+  return offline.fit(cfg, wd, stage, state, mesh, it, [], MetricWriter(wd, "sft", False))
+
+
+def test_nan_batch_skip_policy(tiny, tmp_path):
+  state = _nan_run(tiny, str(tmp_path / "skip"), "skip")
+  assert int(state.step) == 8 and int(state.skipped) == 1
+  import jax
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def test_nan_batch_stop_policy_keeps_last_good_checkpoint(tiny, tmp_path):
+  wd = str(tmp_path / "stop")
+  with pytest.raises(NonFiniteError, match=r"non-finite loss or gradient at step 5 .* last good checkpoint \(4\)"):
+    _nan_run(tiny, wd, "stop")
+  ck = checkpoint.Checkpointer(os.path.join(wd, "checkpoints"))
+  assert ck.latest_step() == 4
+  params, step = checkpoint.restore_params_from_run(wd, {"model": _abstract(wd)})
+  assert step == 4
+  import jax
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def _abstract(wd):
+  cfg = checkpoint.model_config_from_dict(checkpoint.read_run_info(wd)["model_config"])
+  return transformer.abstract_params(cfg)[0]
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+def test_vocab_that_does_not_fit_the_model(tiny):
+  import transformers
+  tok = transformers.AutoTokenizer.from_pretrained(tiny["tokenizer"])
+  with pytest.raises(ValueError, match=r"model.tokenizer: tokenizer has \d+ tokens but the model's vocab_size is 64"):
+    setup.check_vocab(preset("tiny", vocab_size=64), tok, "model.tokenizer")
+
+
+def test_checkpoint_architecture_mismatch(task_sft):
+  other = transformer.abstract_params(preset("small", vocab_size=512))[0]
+  with pytest.raises(ValueError, match="does not match the configured architecture"):
+    checkpoint.restore_params_from_run(task_sft["sft"], {"model": other})
+
+
+def test_batch_not_divisible_by_data_axes(tiny):
+  cfg = load_config("sft", "tiny", train__batch_size=6, mesh__data=4, mesh__fsdp=2)
+  with pytest.raises(ValueError, match=r"train.batch_size=6 is not divisible by the data-parallel size"):
+    setup.make_mesh(cfg)
+
+
+def test_missing_field_and_empty_prompt():
+  from jaxalign.data import formats
+  from jaxalign.data.sources import DataError
+  with pytest.raises(DataError, match=r"f row 3: missing field 'completion'"):
+    formats.validate({"prompt": "a"}, "prompt_completion", "f row 3")
+  with pytest.raises(DataError, match=r"f row 0: field 'prompt' is empty"):
+    formats.validate({"prompt": " "}, "prompt", "f row 0")
+
+
+def test_text_that_tokenizes_to_nothing(tiny):
+  import transformers
+  from jaxalign.data import tokenize
+  from jaxalign.data.sources import DataError
+  tok = transformers.AutoTokenizer.from_pretrained(tiny["tokenizer"])
+  with pytest.raises(DataError, match="f row 2: record tokenizes to no trainable tokens"):
+    tokenize.sft_example(tok, {"prompt": "a", "completion": ""}, "prompt_completion", "f row 2",
+                         completion_only=True, add_eos=False)
