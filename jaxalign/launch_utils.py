@@ -13,6 +13,13 @@ def init_distributed(mode: str, coordinator=None, num_processes=None, process_id
   if mode == "off":
     return
   explicit = coordinator is not None or num_processes is not None
+  if explicit or mode == "on":
+    # CPU processes need a collectives backend; gloo ships with jaxlib (used by the multi-process tests).
+    if os.environ.get("JAX_PLATFORMS", "") in ("", "cpu"):
+      try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+      except Exception:  # Older/newer JAX without the option: its default applies.
+        pass
   if explicit:
     if None in (coordinator, num_processes, process_id):
       raise ValueError("--coordinator, --num_processes and --process_id must be given together")

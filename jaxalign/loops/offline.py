@@ -108,15 +108,19 @@ def fit(config, workdir: str, stage: Stage, state: TrainState, mesh, train_iter:
   batch_sh = sharding.batch_sharding(mesh)
   jit_step = jax.jit(stage.step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                      donate_argnums=(0,))
-  jit_eval = jax.jit(stage.eval_fn, in_shardings=(state_sh, batch_sh)) if stage.eval_fn else None
+  jit_eval = jit_eval_acc = None
+  if stage.eval_fn:  # Sums accumulate inside jit: no eager op on global arrays (multi-process safe).
+    rep = sharding.replicated(mesh)
+    jit_eval = jax.jit(stage.eval_fn, in_shardings=(state_sh, batch_sh), out_shardings=rep)
+    jit_eval_acc = jax.jit(lambda st, b, acc: jax.tree.map(jnp.add, acc, stage.eval_fn(st, b)),
+                           in_shardings=(state_sh, batch_sh, rep), out_shardings=rep, donate_argnums=(2,))
 
   def run_eval(st: TrainState, step: int) -> dict:
     if not eval_set or jit_eval is None:
       return {}
     sums = None
     for b in eval_set:
-      out = jit_eval(st, to_device(b, mesh))
-      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+      sums = jit_eval(st, to_device(b, mesh)) if sums is None else jit_eval_acc(st, to_device(b, mesh), sums)
     m = stage.eval_metrics(fetch(sums))
     writer.write(step, "eval", m)
     return {f"eval/{k}": float(v) for k, v in m.items()}

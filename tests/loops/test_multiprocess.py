@@ -1,0 +1,83 @@
+"""Two local processes x 4 CPU devices (gloo) reproduce one process x 8 devices, and restore each other's
+checkpoints: the multi-controller path TPU pods and SLURM clusters use."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _port():
+  s = socket.socket()
+  s.bind(("127.0.0.1", 0))
+  p = s.getsockname()[1]
+  s.close()
+  return p
+
+
+def _run(args, wd, procs):
+  base = [sys.executable, "launch/train.py", f"--workdir={wd}"] + args
+  if procs == 1:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run(base, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  port = _port()
+  ps = [subprocess.Popen(base + [f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in ps]
+  for p, o in zip(ps, outs):
+    assert p.returncode == 0, o[-3000:]
+
+
+def _losses(wd):
+  with open(os.path.join(wd, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if r["split"] == "train"}
+
+
+def _check_pair(args, tmp_path, name, steps, more):
+  a, b = str(tmp_path / f"{name}_2proc"), str(tmp_path / f"{name}_1proc")
+  common = args + [f"--config.train.steps={steps}", "--config.optimizer.schedule=constant",
+                   "--config.optimizer.warmup_steps=0", "--config.logging.every=1", "--config.eval.every=0",
+                   "--config.logging.progress=false", "--config.logging.tensorboard=false", "--config.export.hf=false",
+                   "--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.train.batch_size=8"]
+  _run(common, a, 2)
+  _run(common, b, 1)
+  la, lb = _losses(a), _losses(b)
+  assert sorted(la) == list(range(1, steps + 1))
+  np.testing.assert_allclose([la[s] for s in sorted(la)], [lb[s] for s in sorted(lb)], rtol=0, atol=1e-6)
+  # Cross-restore: continue the 2-process run in 1 process and the 1-process run in 2 processes.
+  a2, b2 = str(tmp_path / f"{name}_a2"), str(tmp_path / f"{name}_b2")
+  shutil.copytree(a, a2)
+  shutil.copytree(b, b2)
+  longer = [x if not x.startswith("--config.train.steps=") else f"--config.train.steps={steps + more}" for x in common]
+  _run(longer, a2, 1)
+  _run(longer, b2, 2)
+  la2, lb2 = _losses(a2), _losses(b2)
+  tail = range(steps + 1, steps + more + 1)
+  np.testing.assert_allclose([la2[s] for s in tail], [lb2[s] for s in tail], rtol=0, atol=1e-6)
+  return la, la2
+
+
+def test_sft_two_processes_match_one(tiny, tmp_path):
+  args = ["--config=configs/sft.py:tiny", f"--config.model.init={tiny['model']}",
+          f"--config.data.train={tiny['train']}", f"--config.data.eval={tiny['eval']}"]
+  _check_pair(args, tmp_path, "sft", steps=4, more=2)
+
+
+def test_dpo_two_processes_match_one(task_sft, tmp_path):
+  # No eval split: a multi-process CPU (gloo) eval with a live reference aborts in XLA:CPU's collectives
+  # (known limitation, see docs/scaling.md); the train steps, which this test checks, do not.
+  args = ["--config=configs/dpo.py:tiny", f"--config.model.init={task_sft['sft']}",
+          f"--config.data.train={task_sft['pref_train']}", "--config.data.eval_fraction=0.0",
+          "--config.optimizer.learning_rate=5e-4"]
+  la, _ = _check_pair(args, tmp_path, "dpo", steps=3, more=2)
+  assert la[3] != la[1]
