@@ -123,7 +123,8 @@ def _nan_run(tiny, wd, policy):
                     train__steps=8, train__nan_policy=policy, checkpoint__every=2, eval__every=0,
                     logging__every=1, logging__progress=False, logging__tensorboard=False, export__hf=False,
                     train__batch_size=8)
-  mesh, tok, model_cfg, params, _ = offline.prepare(cfg, wd)
+  mesh, tok, model_cfg, params, source = offline.prepare(cfg, wd)
+  offline.record_run(wd, cfg, model_cfg, {"model": source})
   train, evals, _ = offline.sft_examples(cfg, tok)
   import functools
   import jax
