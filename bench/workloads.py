@@ -179,7 +179,7 @@ def plain_jax_sft(steps=12, seq=SEQ, batch=BATCH):
 
   def rope(x):
     h = x.shape[-1] // 2
-    return x * cos[:, None] + jnp.concatenate([-x[..., h:], x[..., :h]], -1) * sin[:, None]
+    return x * cos[:, None, None] + jnp.concatenate([-x[..., h:], x[..., :h]], -1) * sin[:, None, None]
 
   def layer(x, l):
     b, t, _ = x.shape

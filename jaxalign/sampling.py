@@ -55,7 +55,8 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_mask, rng, *, max_n
   b, p = prompt_tokens.shape
   n = max_new_tokens
   cache = transformer.init_cache(cfg, b, p + n)
-  model = transformer.bind(cfg, params)
+  # Unrolled layers update the cache in place; a layer scan would copy the whole cache every token.
+  model = transformer.bind(cfg.replace(scan_layers=False, remat="none"), params)
   seg = prompt_mask.astype(jnp.int32)
   pos = prompt_positions(prompt_mask)
   logits, cache = model(prompt_tokens, pos, seg, cache)

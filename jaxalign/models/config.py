@@ -46,8 +46,7 @@ class ModelConfig:
   dtype: str = "float32"  # Matmul dtype (bfloat16 on accelerators); logits and softmax stay float32.
   remat: str = "none"  # 'none' | 'full' (recompute each layer in the backward) | 'dots' (keep matmul outputs).
   scan_layers: bool = True  # lax.scan over the stacked layers: compile time independent of depth.
-  attention: str = "auto"  # 'auto' | 'dense' | 'blockwise'.
-  attention_block: int = 128  # Key block size of blockwise attention.
+  attention: str = "auto"  # 'auto' (fused unless soft-capped) | 'fused' (hand-written backward) | 'dense'.
   lora_rank: int = 0  # > 0 adds low-rank adapters (B = 0 at init) to `lora_targets`.
   lora_alpha: float = 16.0  # Adapter scale alpha / rank.
   lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")  # Any of wq wk wv wo w_gate w_up w_down.
@@ -61,8 +60,8 @@ class ModelConfig:
       raise ValueError(f"act={self.act!r}: expected 'silu' or 'gelu_tanh'")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"remat={self.remat!r}: expected none|full|dots")
-    if self.attention not in ("auto", "dense", "blockwise"):
-      raise ValueError(f"attention={self.attention!r}: expected auto|dense|blockwise")
+    if self.attention not in ("auto", "dense", "fused"):
+      raise ValueError(f"attention={self.attention!r}: expected auto|dense|fused")
     bad = set(self.lora_targets) - set(LORA_SHAPES)
     if bad:
       raise ValueError(f"lora_targets {sorted(bad)}: expected a subset of {sorted(LORA_SHAPES)}")

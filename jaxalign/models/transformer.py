@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxalign.models import lora
-from jaxalign.models.attention import dense_attention, make_mask
+from jaxalign.models.attention import dense_attention, fused_attention, make_mask
 from jaxalign.models.config import ModelConfig
 
 
@@ -154,13 +154,11 @@ class Transformer(nnx.Module):
     kv_in = (cache.k_LBSKH, cache.v_LBSKH) if cache is not None else None
     if cfg.scan_layers:
       x_BTD, kv_out = jax.lax.scan(body, x_BTD, (layer_params, windows_L, kv_in))
-    else:
-      outs = []
+    else:  # Unrolled; the cache is updated in place per layer (no per-token copy of the whole cache).
+      kv_out = kv_in
       for i in range(cfg.num_layers):
-        sl = jax.tree.map(lambda a: a[i], (layer_params, windows_L, kv_in))
-        x_BTD, kv = body(x_BTD, sl)
-        outs.append(kv)
-      kv_out = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        p_i, w_i = jax.tree.map(lambda a: a[i], (layer_params, windows_L))
+        x_BTD, kv_out = body(x_BTD, (p_i, w_i, None if cache is None else (*kv_out, i)))
     h_BTD = rms_norm(x_BTD, self.final_norm[...], cfg)
     if cache is not None:
       cache = KVCache(kv_out[0], kv_out[1], k_seg, k_pos, cache.index + t)
@@ -240,7 +238,13 @@ def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_ar
     q_BTNH, k_BTKH = rms_norm(q_BTNH, p["q_norm"], cfg), rms_norm(k_BTKH, p["k_norm"], cfg)
   q_BTNH = apply_rope(q_BTNH, sin_BTH, cos_BTH)
   k_BTKH = apply_rope(k_BTKH, sin_BTH, cos_BTH)
-  if cache is not None:
+  if cache is not None and len(kv) == 3:  # Full [L, ...] cache and this layer's index (unrolled layers).
+    k_full, v_full, layer = kv
+    k_full = jax.lax.dynamic_update_slice(k_full, k_BTKH[None].astype(k_full.dtype), (layer, 0, cache.index, 0, 0))
+    v_full = jax.lax.dynamic_update_slice(v_full, v_BTKH[None].astype(v_full.dtype), (layer, 0, cache.index, 0, 0))
+    kv = (k_full, v_full)
+    k_use, v_use = k_full[layer].astype(dt), v_full[layer].astype(dt)
+  elif cache is not None:
     k_all, v_all = kv
     k_all = jax.lax.dynamic_update_slice(k_all, k_BTKH.astype(k_all.dtype), (0, cache.index, 0, 0))
     v_all = jax.lax.dynamic_update_slice(v_all, v_BTKH.astype(v_all.dtype), (0, cache.index, 0, 0))
@@ -264,7 +268,9 @@ def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_ar
 
 
 def attend(cfg: ModelConfig, q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale):
-  """Dispatch to the configured attention kernel."""
+  """Dispatch to the configured attention kernel ('auto': the fused backward unless soft-capping)."""
+  if cfg.attention in ("auto", "fused") and not cfg.attn_softcap:
+    return fused_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale=scale)
   return dense_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale=scale, softcap=cfg.attn_softcap)
 
 
