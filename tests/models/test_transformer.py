@@ -157,3 +157,18 @@ def test_mesh_errors():
   assert dict(sharding.make_mesh(data=2, fsdp=-1, tensor=2).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
   with pytest.raises(KeyError, match="matches no sharding rule"):
     sharding.spec_for(("nonsense",), (4,), sharding.make_mesh(), name="x")
+
+
+def test_fused_attention_matches_dense_values_and_gradients():
+  from jaxalign.models.attention import dense_attention, fused_attention, make_mask
+  k = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(k[0], (2, 16, 4, 8))
+  kk, v = jax.random.normal(k[1], (2, 16, 2, 8)), jax.random.normal(k[2], (2, 16, 2, 8))
+  seg = jnp.array([[1] * 10 + [2] * 6, [1] * 12 + [0] * 4])
+  pos = jnp.array([list(range(10)) + list(range(6)), list(range(12)) + [0] * 4])
+  m = make_mask(seg, jnp.arange(16), pos, seg, jnp.arange(16), pos, 0)
+  f1 = lambda *a: (dense_attention(*a, m, scale=0.3, softcap=None) ** 2).sum()  # noqa: E731
+  f2 = lambda *a: (fused_attention(*a, m, scale=0.3) ** 2).sum()  # noqa: E731
+  np.testing.assert_allclose(f1(q, kk, v), f2(q, kk, v), rtol=1e-6)
+  for a, b in zip(jax.grad(f1, (0, 1, 2))(q, kk, v), jax.jit(jax.grad(f2, (0, 1, 2)))(q, kk, v)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
