@@ -118,7 +118,7 @@ def _match(path, x, flat_params, rep):
 
 def report(config) -> dict:
   out = analyse(config)
-  gib = lambda v: f"{v / 2**30:.3f} GiB"  # noqa: E731
+  gib = lambda v: f"{v / 2**30:.3f} GiB" if v >= 2**30 else f"{v / 2**20:.2f} MiB"  # noqa: E731
   lines = [f"dry run: stage {config.stage}, mesh {out['mesh']} ({out['devices']} devices), "
            f"{out['params_total'] / 1e6:.1f}M params",
            f"  params per device:     {gib(out['params_per_device'])}",

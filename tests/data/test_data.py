@@ -132,3 +132,29 @@ def test_dedup_and_eval_holdout(tmp_path, tok):
   assert reps[0].dropped["duplicate"] == 80 - uniq
   assert len(train) + len(evals) == uniq and len(evals) == round(uniq * 0.25)
   assert os.path.exists(path)
+
+
+def test_ranked_and_rated_expand_to_all_strict_pairs():
+  row = {"prompt": "p", "responses": ["a", "b", "c"], "ranking": [1, 0, 2]}
+  pairs = {(r["chosen"], r["rejected"]) for r in formats.expand_ranked(row)}
+  assert pairs == {("b", "a"), ("b", "c"), ("a", "c")}  # K choose 2 with rank 0 best.
+  rated = formats.expand_ranked({"prompt": "p", "responses": ["a", "b", "c"], "ratings": [3.0, 3.0, 1.0]})
+  assert {(r["chosen"], r["rejected"]) for r in rated} == {("a", "c"), ("b", "c")}  # Ties give no pair.
+
+
+def test_implicit_prompt_and_pair_truncation(tok):
+  p, c, r = tokenize.split_implicit_prompt("the movie was good", "the movie was bad")
+  assert (p, c, r) == ("the movie was", " good", " bad")
+  msgs = [{"role": "user", "content": "hi"}]
+  p, c, r = tokenize.split_implicit_prompt(msgs + [{"role": "assistant", "content": "a"}],
+                                           msgs + [{"role": "assistant", "content": "b"}])
+  assert p == msgs and c[0]["content"] == "a"
+  long_prompt = " ".join(["the film was good"] * 20)
+  pair = tokenize.pair_example(tok, {"prompt": long_prompt, "chosen": " great .", "rejected": " bad ."}, "f row 0",
+                               seq_len=24, max_prompt_len=12, add_eos=True)
+  assert pair.truncated and len(pair.chosen) <= 24
+  full = tokenize.response_example(tok, long_prompt, " great .", "x", True)
+  n_resp = int(full.trained.sum())
+  # The end of the prompt and the start of the response are kept.
+  np.testing.assert_array_equal(pair.chosen.ids[-n_resp:], full.ids[-n_resp:])
+  np.testing.assert_array_equal(pair.chosen.ids[:-n_resp][-5:], full.ids[:-n_resp][-5:])
