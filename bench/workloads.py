@@ -105,15 +105,14 @@ def jaxalign_pairs(kind="dpo", steps=10):
        "positions": jnp.broadcast_to(jnp.arange(SEQ, dtype=jnp.int32), (BATCH, 2, SEQ)),
        "segment_ids": jnp.ones((BATCH, 2, SEQ), jnp.int32), "margin": jnp.zeros(BATCH), "valid": jnp.ones(BATCH)}
   if kind == "dpo":
-    from jaxalign.config import base as _b
-    import importlib.util, os  # noqa: E401
+    import importlib.util
+    import os
     spec = importlib.util.spec_from_file_location("c", os.path.join(os.path.dirname(__file__), "..", "configs", "dpo.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     loss_cfg = mod.get_config().loss
     state = state._replace(frozen={"reference": transformer.init_params(cfg, jax.random.key(0))})
     fn = functools.partial(dpo.dpo_step, model_cfg=cfg, loss_cfg=loss_cfg, tx=tx)
-    del _b
   else:
     fn = functools.partial(reward.reward_step, model_cfg=cfg, tx=tx)
   step = jax.jit(fn, donate_argnums=0)
@@ -233,7 +232,6 @@ def plain_jax_sft(steps=12, seq=SEQ, batch=BATCH):
 def peak_matmul_flops(n=2048, reps=5):
   """Measured peak float32 matmul FLOP/s of this machine (XLA CPU)."""
   import jax
-  import jax.numpy as jnp
   a = jax.random.normal(jax.random.key(0), (n, n))
   b = jax.random.normal(jax.random.key(1), (n, n))
   f = jax.jit(lambda x, y: x @ y)

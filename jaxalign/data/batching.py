@@ -142,6 +142,9 @@ class BatchIterator:
     rows = plan.batches[self.index][host_rows(self.kw["batch_size"])]
     length = plan.lengths[self.index]
     self.index += 1
+    return self._build(rows, length)
+
+  def _build(self, rows: list[list[int]], length: int) -> dict[str, np.ndarray]:
     return stack_rows([build_row([self.examples[i] for i in r], length) for r in rows])
 
 
@@ -183,14 +186,7 @@ class PairIterator(BatchIterator):
   def __init__(self, pairs, *, batch_size: int, seq_len: int, seed: int, buckets: Sequence[int] = ()):
     super().__init__(pairs, batch_size=batch_size, seq_len=seq_len, seed=seed, pack=False, buckets=buckets)
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    plan = self._get_plan()
-    if self.index >= len(plan.batches):
-      self.epoch, self.index = self.epoch + 1, 0
-      plan = self._get_plan()
-    rows = plan.batches[self.index][host_rows(self.kw["batch_size"])]
-    length = plan.lengths[self.index]
-    self.index += 1
+  def _build(self, rows: list[list[int]], length: int) -> dict[str, np.ndarray]:
     return pair_batch([self.examples[r[0]] for r in rows], length)
 
 

@@ -20,10 +20,10 @@ import numpy as np
 
 from jaxalign import sharding
 from jaxalign.checkpoint import Checkpointer, abstract_like
-from jaxalign.data import batching, formats, pipeline, tokenize
+from jaxalign.data import batching, pipeline, tokenize
 from jaxalign.loops import setup
 from jaxalign.loops.offline import (NonFiniteError, Preempted, _SigTerm, export_hf, prepare, record_run,
-                                    state_shardings, write_reports)
+                                    write_reports)
 from jaxalign.metrics import MetricWriter, fetch
 from jaxalign.models import build
 from jaxalign.optim import make_optimizer

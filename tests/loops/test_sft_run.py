@@ -7,7 +7,6 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 import torch
 
 from jaxalign.data import batching
