@@ -96,11 +96,16 @@ def model_config_dict(cfg: ModelConfig) -> dict:
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:
-  d = dict(d)
+  """ModelConfig from run.json; fields this version does not know (from older/newer runs) are dropped."""
+  known = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(d) - known)
+  if unknown:
+    logging.warning("run.json model_config: ignoring fields unknown to this version: %s", unknown)
+  d = {k: v for k, v in d.items() if k in known}
   for k in ("rope_scaling",):
     if d.get(k) is not None:
       d[k] = tuple(tuple(x) for x in d[k])
-  for k in ("layer_types", "eos_token_id"):
+  for k in ("layer_types", "eos_token_id", "lora_targets"):
     if isinstance(d.get(k), list):
       d[k] = tuple(d[k])
   return ModelConfig(**d)

@@ -28,14 +28,6 @@ def response_logps(model_cfg, params, batch, use_lora: bool = True):
   return lp_BT.sum(-1).reshape(b, 2), flat("weights").sum(-1).reshape(b, 2)
 
 
-def _after(batch, x):
-  """`batch`, ordered after `x` is computed: the policy and reference forwards then run one after the other.
-
-  Independent branches may otherwise run concurrently, and XLA:CPU's multi-process (gloo) collectives
-  require every process to issue them in the same order; on accelerators the cost is nil."""
-  return jax.lax.optimization_barrier((batch, jax.lax.stop_gradient(x)))[0]
-
-
 def reference_logps(model_cfg, frozen, batch, params=None):
   """Precomputed (batch['ref_logps']), a frozen reference, or, for LoRA, the policy with adapters off."""
   if "ref_logps" in batch:
@@ -54,7 +46,7 @@ def dpo_loss(params, batch, frozen, *, model_cfg, loss_cfg):
   if loss_cfg.type in REFERENCE_FREE:
     ref = jnp.zeros_like(lp)
   else:
-    ref = reference_logps(model_cfg, frozen, _after(batch, lp), params["model"])
+    ref = reference_logps(model_cfg, frozen, batch, params["model"])
   valid = batch["valid"]
   losses, rew_c, rew_r = preference.preference_loss(
       loss_cfg.type, pc=lp[:, 0], pr=lp[:, 1], rc=ref[:, 0], rr=ref[:, 1], pc_mean=mean[:, 0], pr_mean=mean[:, 1],
@@ -91,7 +83,7 @@ def kto_loss(params, batch, frozen, *, model_cfg, loss_cfg):
   """`batch`: tokens.. [B, 2, T] with row 0 the completion and row 1 a mismatched (prompt_i, completion_j)
   for the KL baseline; label [B] (1 = desirable); valid [B]."""
   lp, _ = response_logps(model_cfg, params["model"], batch)
-  ref = reference_logps(model_cfg, frozen, _after(batch, lp), params["model"])
+  ref = reference_logps(model_cfg, frozen, batch, params["model"])
   valid = batch["valid"]
   kl = jax.lax.stop_gradient(jnp.maximum(jnp.sum((lp[:, 1] - ref[:, 1]) * valid) / jnp.maximum(valid.sum(), 1), 0.0))
   losses, rew = preference.kto(lp[:, 0], ref[:, 0], batch["label"] > 0, kl, loss_cfg.beta,
