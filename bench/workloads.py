@@ -21,6 +21,24 @@ def _stats(times, compile_s=None, **extra):
           "n": len(times), "compile_s": compile_s, **extra}
 
 
+def _timed(step, carry, steps: int):
+  """Compile (first call), 2 warm-up calls, then `steps` timed calls of `carry, loss = step(carry)`.
+  Returns (compile seconds, per-step seconds, last loss)."""
+  import jax
+  t = time.perf_counter()
+  carry, loss = step(carry)
+  jax.block_until_ready(loss)
+  compile_s = time.perf_counter() - t
+  times = []
+  for i in range(steps + 2):
+    t = time.perf_counter()
+    carry, loss = step(carry)
+    jax.block_until_ready(loss)
+    if i >= 2:
+      times.append(time.perf_counter() - t)
+  return compile_s, times, loss
+
+
 def _batch(seq=SEQ, batch=BATCH, seed=0):
   rng = np.random.default_rng(seed)
   tokens = rng.integers(0, VOCAB, (batch, seq + 1)).astype(np.int32)
@@ -64,18 +82,8 @@ def jaxalign_sft(steps=12, seq=SEQ, batch=BATCH, **cfg_kw):
        "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)),
        "segment_ids": jnp.ones((batch, seq), jnp.int32)}
   step = jax.jit(functools.partial(sft.sft_step, model_cfg=cfg, tx=tx), donate_argnums=0)
-  t = time.perf_counter()
-  state, m = step(state, b)
-  jax.block_until_ready(m["loss"])
-  compile_s = time.perf_counter() - t
-  times = []
-  for i in range(steps + 2):
-    t = time.perf_counter()
-    state, m = step(state, b)
-    jax.block_until_ready(m["loss"])
-    if i >= 2:
-      times.append(time.perf_counter() - t)
-  return _stats(times, compile_s, tokens_per_step=seq * batch, loss=float(m["loss"]))
+  compile_s, times, loss = _timed(lambda st: (lambda o: (o[0], o[1]["loss"]))(step(st, b)), state, steps)
+  return _stats(times, compile_s, tokens_per_step=seq * batch, loss=float(loss))
 
 
 def jaxalign_pairs(kind="dpo", steps=10):
@@ -116,17 +124,7 @@ def jaxalign_pairs(kind="dpo", steps=10):
   else:
     fn = functools.partial(reward.reward_step, model_cfg=cfg, tx=tx)
   step = jax.jit(fn, donate_argnums=0)
-  t = time.perf_counter()
-  state, m = step(state, b)
-  jax.block_until_ready(m["loss"])
-  compile_s = time.perf_counter() - t
-  times = []
-  for i in range(steps + 2):
-    t = time.perf_counter()
-    state, m = step(state, b)
-    jax.block_until_ready(m["loss"])
-    if i >= 2:
-      times.append(time.perf_counter() - t)
+  compile_s, times, _ = _timed(lambda st: (lambda o: (o[0], o[1]["loss"]))(step(st, b)), state, steps)
   return _stats(times, compile_s, pairs_per_step=BATCH)
 
 
@@ -215,17 +213,11 @@ def plain_jax_sft(steps=12, seq=SEQ, batch=BATCH):
   v = jax.tree.map(jnp.zeros_like, p)
   t = jnp.zeros((), jnp.float32)
   inp, tgt = map(jnp.asarray, _batch(seq, batch))
-  t0 = time.perf_counter()
-  p, m, v, t, loss = jstep(p, m, v, t, inp, tgt)
-  jax.block_until_ready(loss)
-  compile_s = time.perf_counter() - t0
-  times = []
-  for i in range(steps + 2):
-    t0 = time.perf_counter()
-    p, m, v, t, loss = jstep(p, m, v, t, inp, tgt)
-    jax.block_until_ready(loss)
-    if i >= 2:
-      times.append(time.perf_counter() - t0)
+  def one(c):
+    *c, loss = jstep(*c, inp, tgt)
+    return tuple(c), loss
+
+  compile_s, times, _ = _timed(one, (p, m, v, t), steps)
   return _stats(times, compile_s, tokens_per_step=seq * batch)
 
 
