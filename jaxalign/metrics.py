@@ -84,6 +84,19 @@ class Throughput:
     return out
 
 
+def local_rows(x) -> np.ndarray:
+  """This process's rows of a batch-sharded global array (the rows it fed), as numpy.
+
+  Why: a multi-process array cannot be fetched whole; each host decodes and scores its own rows.
+  """
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  parts = {}
+  for s in x.addressable_shards:
+    parts.setdefault(s.index[0].start or 0, s.data)
+  return np.concatenate([np.asarray(parts[k]) for k in sorted(parts)])
+
+
 def fetch(tree):
   """Device -> host for a small metrics tree (one transfer)."""
   return jax.tree.map(lambda x: np.asarray(x), jax.device_get(tree))

@@ -11,6 +11,7 @@ import math
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import mesh_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -132,3 +133,27 @@ def constrain(x, mesh: Mesh, *axes: str | None):
 def describe(mesh: Mesh) -> str:
   return (f"mesh {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} devices, "
           f"{jax.process_count()} process(es)")
+
+
+
+def after(tree, dep):
+  """`tree` (arrays with a leading batch axis), made to wait for `dep` (a scalar, or the same batch axis).
+
+  Why: XLA:CPU runs independent parts of a program concurrently, so two independent layer scans that both
+  hold collectives (a policy and a frozen reference forward) can enter them in a different order on
+  different devices; across processes (gloo) that is a collective mismatch and an abort. An optimization
+  barrier does not survive to XLA:CPU's runtime, so this adds a real data dependency, row by row (no
+  collective): `(d != d) & (d == d)` is always false, which XLA cannot fold (NaN semantics). Costs one
+  elementwise op on the batch.
+  """
+  if dep is None:
+    return tree
+  d = jax.tree.leaves(dep)[0]
+  d = d.reshape(d.shape[0], -1).sum(-1) if d.ndim else d
+  none = jnp.logical_and(d != d, d == d)
+
+  def tie(x):
+    z = none.reshape((-1,) + (1,) * (x.ndim - 1)) if none.ndim else none
+    return jnp.logical_or(x, z) if x.dtype == jnp.bool_ else x + z.astype(x.dtype)
+
+  return jax.tree.map(tie, tree)

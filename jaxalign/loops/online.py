@@ -24,7 +24,7 @@ from jaxalign.data import batching, pipeline, tokenize
 from jaxalign.loops import setup
 from jaxalign.loops.offline import (NonFiniteError, Preempted, _SigTerm, export_hf, prepare, record_run,
                                     write_reports)
-from jaxalign.metrics import MetricWriter, fetch
+from jaxalign.metrics import MetricWriter, fetch, local_rows
 from jaxalign.models import build
 from jaxalign.optim import make_optimizer
 from jaxalign.steps import grpo as grpo_steps
@@ -192,14 +192,17 @@ class Evaluator:
       p = toks.shape[1]
       lp = ppo_steps.response_logprobs(cfg, params, seq, pos, seg, p, r.temperature)
       out = {"tokens": s.tokens, "mask": s.mask, "finished": s.finished}
+      last = lp  # Each model's pass waits for the previous one (sharding.after).
       if "reference" in frozen:
-        ref = ppo_steps.response_logprobs(cfg, frozen["reference"], seq, pos, seg, p, r.temperature)
-        out["kl"] = jnp.sum((lp - ref) * s.mask, -1)
+        last = ppo_steps.response_logprobs(cfg, frozen["reference"], *sharding.after((seq, pos, seg), lp), p,
+                                           r.temperature)
+        out["kl"] = jnp.sum((lp - last) * s.mask, -1)
       if "reward" in frozen:
-        out["score"] = ppo_steps.score_sequences(cfg, frozen["reward"], seq, pos, seg)
+        out["score"] = ppo_steps.score_sequences(cfg, frozen["reward"], *sharding.after((seq, pos, seg), last))
       return out
 
-    self._fn = jax.jit(fn)
+    # Outputs replicated: every process sees every row (small), so metrics agree across processes.
+    self._fn = jax.jit(fn, out_shardings=sharding.replicated(self.mesh))
 
   def __call__(self, params, step: int, writer: MetricWriter | None = None, samples_path: str | None = None):
     b = self.config.rollout.batch_size
@@ -401,13 +404,23 @@ def train_grpo(config, workdir: str):
     return grpo_steps.group_rollout(state, toks, mask, key, cfg=model_cfg, rcfg=rc, gcfg=g, stop_ids=stops,
                                     pad_id=pad)
 
-  def update(items, frozen, ro, rewards):
+  names = [name for name, _, _ in functions]
+  weights = np.asarray([w for _, _, w in functions], np.float32)
+
+  def update(items, frozen, ro, fn_values):
     m = items["meta"]
+    rewards = fn_values @ weights  # [B*G, F] values of the reward functions, weighted.
+    if "reward" in frozen:
+      rewards = rewards + model_w * ro.model_scores
     state = TrainState(jnp.zeros((), jnp.int32), items["params"], items["opt_state"], m["rng"],
                        jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32), frozen)
     key = jax.random.fold_in(jax.random.fold_in(m["rng"], m["iteration"]), 1)
     state, um = grpo_steps.grpo_update(state, ro, rewards, key, cfg=model_cfg, gcfg=g, temperature=rc.temperature,
                                        tx=tx, schedule=sched)
+    if "reward" in frozen:
+      um["score"] = ro.model_scores.mean()
+    for i, name in enumerate(names):
+      um[f"reward/{name}"] = fn_values[:, i].mean()
     new = {"params": state.params, "opt_state": state.opt_state,
            "meta": {"iteration": m["iteration"] + 1, "kl_coef": m["kl_coef"], "rng": m["rng"]}}
     return new, um
@@ -424,23 +437,17 @@ def train_grpo(config, workdir: str):
       t = jax.make_array_from_process_local_data(bs, toks)
       mk = jax.make_array_from_process_local_data(bs, mask)
       ro = j_roll(items, frozen, t, mk)
-      rewards = model_w * ro.model_scores if "reward" in frozen else jnp.zeros_like(ro.model_scores)
-      fm = {}
-      if functions:  # Verifiable rewards: decode on the host, score in Python.
-        host = fetch({"tokens": ro.tokens[:, -rc.max_new_tokens:], "mask": ro.mask})
-        comps = decode_responses(tok, host["tokens"], host["mask"])
+      values = np.zeros((len(toks) * g.group_size, len(functions)), np.float32)
+      if functions:  # Verifiable rewards: each process decodes and scores its own rows in Python.
+        comps = decode_responses(tok, local_rows(ro.tokens)[:, -rc.max_new_tokens:], local_rows(ro.mask))
         prompt_txt = tok.batch_decode(np.repeat(toks, g.group_size, 0), skip_special_tokens=True)
-        total = np.zeros(len(comps), np.float32)
-        for name, f, w in functions:
-          vals = np.asarray(f(prompt_txt, comps), np.float32)
-          fm[f"reward/{name}"] = float(vals.mean())
-          total += w * vals
-        rewards = rewards + jax.make_array_from_process_local_data(bs, total)
-      items, um = j_upd(items, frozen, ro, rewards)
-      m = fetch(um)
-      if "reward" in frozen:
-        m["score"] = float(fetch(ro.model_scores).mean())
-      return items, {**m, **fm}
+        for i, (name, f, _) in enumerate(functions):
+          v = np.asarray(f(prompt_txt, comps), np.float32).reshape(-1)
+          if v.shape[0] != len(comps):
+            raise ValueError(f"reward function {name} returned {v.shape[0]} values for {len(comps)} completions")
+          values[:, i] = v
+      items, um = j_upd(items, frozen, ro, jax.make_array_from_process_local_data(bs, values))
+      return items, fetch(um)
 
     def compiles(self):
       return j_roll._cache_size() + j_upd._cache_size()  # noqa: SLF001

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxalign import sharding
 from jaxalign.losses import preference
 from jaxalign.losses.lm import token_logprobs
 from jaxalign.models import transformer
@@ -28,10 +29,14 @@ def response_logps(model_cfg, params, batch, use_lora: bool = True):
   return lp_BT.sum(-1).reshape(b, 2), flat("weights").sum(-1).reshape(b, 2)
 
 
-def reference_logps(model_cfg, frozen, batch, params=None):
-  """Precomputed (batch['ref_logps']), a frozen reference, or, for LoRA, the policy with adapters off."""
+def reference_logps(model_cfg, frozen, batch, params=None, after=None):
+  """Precomputed (batch['ref_logps']), a frozen reference, or, for LoRA, the policy with adapters off.
+
+  `after` (the policy's log-probs) orders the reference forward after the policy's: see `sharding.after`.
+  """
   if "ref_logps" in batch:
     return batch["ref_logps"]
+  batch = sharding.after(batch, after)
   if frozen and "reference" in frozen:
     return jax.lax.stop_gradient(response_logps(model_cfg.replace(lora_rank=0), frozen["reference"], batch)[0])
   if model_cfg.lora_rank:
@@ -46,7 +51,7 @@ def dpo_loss(params, batch, frozen, *, model_cfg, loss_cfg):
   if loss_cfg.type in REFERENCE_FREE:
     ref = jnp.zeros_like(lp)
   else:
-    ref = reference_logps(model_cfg, frozen, batch, params["model"])
+    ref = reference_logps(model_cfg, frozen, batch, params["model"], after=lp)
   valid = batch["valid"]
   losses, rew_c, rew_r = preference.preference_loss(
       loss_cfg.type, pc=lp[:, 0], pr=lp[:, 1], rc=ref[:, 0], rr=ref[:, 1], pc_mean=mean[:, 0], pr_mean=mean[:, 1],
@@ -83,7 +88,7 @@ def kto_loss(params, batch, frozen, *, model_cfg, loss_cfg):
   """`batch`: tokens.. [B, 2, T] with row 0 the completion and row 1 a mismatched (prompt_i, completion_j)
   for the KL baseline; label [B] (1 = desirable); valid [B]."""
   lp, _ = response_logps(model_cfg, params["model"], batch)
-  ref = reference_logps(model_cfg, frozen, batch, params["model"])
+  ref = reference_logps(model_cfg, frozen, batch, params["model"], after=lp)
   valid = batch["valid"]
   kl = jax.lax.stop_gradient(jnp.maximum(jnp.sum((lp[:, 1] - ref[:, 1]) * valid) / jnp.maximum(valid.sum(), 1), 0.0))
   losses, rew = preference.kto(lp[:, 0], ref[:, 0], batch["label"] > 0, kl, loss_cfg.beta,

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxalign import sampling
+from jaxalign import sampling, sharding
 from jaxalign.losses import rl
 from jaxalign.losses.lm import masked_mean
 from jaxalign.steps.ppo import response_logprobs, score_sequences
@@ -41,12 +41,14 @@ def group_rollout(state: TrainState, prompts, prompt_mask, rng, *, cfg, rcfg, gc
   tokens, pos, seg = sampling.sequences(prompts, prompt_mask, s)
   frozen = state.frozen or {}
   old_logp = response_logprobs(cfg, state.params["model"], tokens, pos, seg, p, rcfg.temperature) * s.mask
+  # Each model's pass waits for the previous one (sharding.after: one collective order on every device).
   if "reference" in frozen:
-    ref_logp = response_logprobs(cfg, frozen["reference"], tokens, pos, seg, p, rcfg.temperature) * s.mask
+    ref_logp = response_logprobs(cfg, frozen["reference"], *sharding.after((tokens, pos, seg), old_logp), p,
+                                 rcfg.temperature) * s.mask
   else:
     ref_logp = old_logp
-  scores = score_sequences(cfg, frozen["reward"], tokens, pos, seg) if "reward" in frozen else jnp.zeros(
-      tokens.shape[0], jnp.float32)
+  scores = score_sequences(cfg, frozen["reward"], *sharding.after((tokens, pos, seg), ref_logp)) if (
+      "reward" in frozen) else jnp.zeros(tokens.shape[0], jnp.float32)
   return GroupRollout(tokens, pos, seg, s.mask, old_logp, ref_logp, scores, s.finished)
 
 

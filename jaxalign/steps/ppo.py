@@ -12,7 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxalign import sampling
+from jaxalign import sampling, sharding
 from jaxalign.losses import rl
 from jaxalign.losses.lm import masked_mean, token_entropy, token_logprobs
 from jaxalign.models import heads, transformer
@@ -68,12 +68,14 @@ def make_experience(state: PPOState, prompts, prompt_mask, rng, *, cfg, pcfg, rc
   tokens, pos, seg = sampling.sequences(prompts, prompt_mask, s)
   mask = s.mask
   old_logp, ent = response_logprobs(cfg, pol.params["model"], tokens, pos, seg, p, rcfg.temperature, True)
-  ref_logp = response_logprobs(cfg, pol.frozen["reference"], tokens, pos, seg, p, rcfg.temperature)
-  score = score_sequences(cfg, pol.frozen["reward"], tokens, pos, seg)
+  # Each model's pass waits for the previous one (sharding.after: one collective order on every device).
+  ref_logp = response_logprobs(cfg, pol.frozen["reference"], *sharding.after((tokens, pos, seg), old_logp), p,
+                               rcfg.temperature)
+  score = score_sequences(cfg, pol.frozen["reward"], *sharding.after((tokens, pos, seg), ref_logp))
   raw_score = score
   length = mask.sum(-1)
   score = score - pcfg.missing_eos_penalty * (~s.finished).astype(jnp.float32) - pcfg.length_penalty * length
-  values = response_values(cfg, state.value.params, tokens, pos, seg, p) * mask
+  values = response_values(cfg, state.value.params, *sharding.after((tokens, pos, seg), score), p) * mask
   rewards, kl = rl.token_rewards(score, old_logp, ref_logp, mask, state.kl_coef, pcfg.kl_estimator)
   adv, ret = rl.gae(rewards, values, mask, pcfg.gamma, pcfg.lam)
   if pcfg.whiten_advantages:
@@ -117,6 +119,7 @@ def ppo_update(state: PPOState, rollout: Rollout, rng, *, cfg, pcfg, temperature
     (_, pm), g = jax.value_and_grad(_policy_loss, has_aux=True)(
         pol.params, mb, cfg=cfg, pcfg=pcfg, temperature=temperature, prompt_len=p)
     pol, pm = apply_update(pol, g, {"loss": pm["policy_loss"], **pm}, pol_tx, pol_schedule)
+    mb = sharding.after(mb, pm["grad_norm"])  # The value pass after the policy's (see sharding.after).
     (_, vm), vg = jax.value_and_grad(_value_loss, has_aux=True)(val.params, mb, cfg=cfg, pcfg=pcfg, prompt_len=p)
     val, vm = apply_update(val, vg, {"loss": vm["value_loss"], **vm}, val_tx, val_schedule)
     out = {**{k: v for k, v in pm.items() if k != "loss"}, "value_loss": vm["value_loss"],

@@ -38,17 +38,17 @@ def _run(args, wd, procs):
     assert p.returncode == 0, o[-3000:]
 
 
-def _losses(wd):
+def _losses(wd, key="loss", split="train"):
   with open(os.path.join(wd, "metrics.jsonl")) as f:
-    return {r["step"]: r["loss"] for r in map(json.loads, f) if r["split"] == "train"}
+    return {r["step"]: r[key] for r in map(json.loads, f) if r["split"] == split}
 
 
-def _check_pair(args, tmp_path, name, steps, more):
+def _check_pair(args, tmp_path, name, steps, more, extra=()):
   a, b = str(tmp_path / f"{name}_2proc"), str(tmp_path / f"{name}_1proc")
   common = args + [f"--config.train.steps={steps}", "--config.optimizer.schedule=constant",
                    "--config.optimizer.warmup_steps=0", "--config.logging.every=1", "--config.eval.every=0",
                    "--config.logging.progress=false", "--config.logging.tensorboard=false", "--config.export.hf=false",
-                   "--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.train.batch_size=8"]
+                   "--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.train.batch_size=8", *extra]
   _run(common, a, 2)
   _run(common, b, 1)
   la, lb = _losses(a), _losses(b)
@@ -76,10 +76,45 @@ def test_sft_two_processes_match_one(tiny, tmp_path):
 
 
 def test_dpo_two_processes_match_one(task_sft, tmp_path):
-  # No eval split: a multi-process CPU (gloo) eval with a live reference aborts in XLA:CPU's collectives
-  # (known limitation, see docs/scaling.md); the train steps, which this test checks, do not.
+  # Eval every 2 steps over several batches: the policy and the live reference forward each hold collectives,
+  # the case that aborted in gloo before their order was pinned (sharding.after).
   args = ["--config=configs/dpo.py:tiny", f"--config.model.init={task_sft['sft']}",
-          f"--config.data.train={task_sft['pref_train']}", "--config.data.eval_fraction=0.0",
-          "--config.optimizer.learning_rate=5e-4"]
-  la, _ = _check_pair(args, tmp_path, "dpo", steps=3, more=0)  # Cross-restore is shown for SFT (same code).
-  assert la[3] != la[1]
+          f"--config.data.train={task_sft['pref_train']}", f"--config.data.eval={task_sft['pref_eval']}",
+          "--config.optimizer.learning_rate=5e-4", "--config.eval.max_batches=3"]
+  la, _ = _check_pair(args, tmp_path, "dpo", steps=4, more=0, extra=["--config.eval.every=2"])  # Cross-restore: SFT.
+  assert la[4] != la[1]
+  ea, eb = _losses(str(tmp_path / "dpo_2proc"), split="eval"), _losses(str(tmp_path / "dpo_1proc"), split="eval")
+  assert sorted(ea) == [2, 4]
+  np.testing.assert_allclose([ea[s] for s in (2, 4)], [eb[s] for s in (2, 4)], rtol=0, atol=1e-6)
+
+
+def _online_pair(args, tmp_path, name, keys):
+  """Same sampled rollouts and updates (threefry keys are sharding-invariant) in 2x4 and 1x8 devices."""
+  common = args + ["--config.train.steps=3", "--config.eval.every=2", "--config.eval.max_batches=2",
+                   "--config.logging.every=1", "--config.logging.progress=false", "--config.logging.tensorboard=false",
+                   "--config.export.hf=false", "--config.mesh.data=2", "--config.mesh.fsdp=-1"]
+  a, b = str(tmp_path / f"{name}_2proc"), str(tmp_path / f"{name}_1proc")
+  _run(common, a, 2)
+  _run(common, b, 1)
+  for split, key in keys:
+    la, lb = _losses(a, key, split), _losses(b, key, split)
+    assert sorted(la) == sorted(lb) and la, (split, key)
+    np.testing.assert_allclose([la[s] for s in sorted(la)], [lb[s] for s in sorted(lb)], rtol=0, atol=1e-5,
+                               err_msg=f"{split}/{key}")
+
+
+def test_ppo_two_processes_match_one(task_sft, task_rm, tmp_path):
+  args = ["--config=configs/ppo.py:tiny", f"--config.model.init={task_sft['sft']}", f"--config.reward.init={task_rm}",
+          f"--config.data.train={task_sft['prompts_train']}", f"--config.data.eval={task_sft['prompts_eval']}",
+          "--config.reward.eval_functions=jaxalign.data.tasks.reviews:gold_reward_fn"]
+  _online_pair(args, tmp_path, "ppo", [("train", "policy_loss"), ("train", "value_loss"), ("train", "kl"),
+                                       ("train", "score"), ("eval", "reward/gold_reward_fn"), ("eval", "kl")])
+
+
+def test_grpo_two_processes_match_one(task_sft, task_rm, tmp_path):
+  # Reward model and a Python reward function: each process decodes and scores its own rows.
+  args = ["--config=configs/grpo.py:tiny", f"--config.model.init={task_sft['sft']}", f"--config.reward.init={task_rm}",
+          "--config.reward.functions=jaxalign.data.tasks.reviews:gold_reward_fn",
+          f"--config.data.train={task_sft['prompts_train']}", f"--config.data.eval={task_sft['prompts_eval']}"]
+  _online_pair(args, tmp_path, "grpo", [("train", "loss"), ("train", "score"), ("train", "reward/gold_reward_fn"),
+                                        ("eval", "reward/gold_reward_fn"), ("eval", "score")])
