@@ -102,12 +102,8 @@ class Transformer(nnx.Module):
     """Final-normed hidden states -> float32 logits (soft-capped for Gemma 2)."""
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
-    if cfg.tie_embeddings:
-      logits_BTV = jnp.einsum("btd,vd->btv", h_BTD.astype(dt), self.embed[...].astype(dt),
-                              preferred_element_type=jnp.float32)
-    else:
-      logits_BTV = jnp.einsum("btd,dv->btv", h_BTD.astype(dt), self.lm_head[...].astype(dt),
-                              preferred_element_type=jnp.float32)
+    w_DV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+    logits_BTV = dense(h_BTD.astype(dt), w_DV.astype(dt), preferred=jnp.float32)
     if cfg.final_softcap:
       logits_BTV = jnp.tanh(logits_BTV / cfg.final_softcap) * cfg.final_softcap
     return logits_BTV
@@ -163,6 +159,19 @@ class Transformer(nnx.Module):
     if cache is not None:
       cache = KVCache(kv_out[0], kv_out[1], k_seg, k_pos, cache.index + t)
     return h_BTD, cache
+
+
+def dense(x, w, contract: int = 1, preferred=None):
+  """x [..., *c] . w [*c, *out] over the `contract` trailing dims of x, as one 2-D matmul.
+
+  Why not einsum: autodiff of a [B, T, D] x [D, F] einsum gives a weight-gradient dot that contracts two
+  batch dims, which XLA:CPU lowers to a transpose copy and a slow generic dot; flattened to [B*T, D] the
+  backward is two plain matmuls (measured: LM head fwd+bwd 64 -> 34 ms, MLP 40 -> 33 ms on the bench shape).
+  """
+  lead, c, out = x.shape[:x.ndim - contract], w.shape[:contract], w.shape[contract:]
+  k = math.prod(c)
+  y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=preferred)
+  return y.reshape(*lead, *out)
 
 
 def rms_norm(x, w, cfg: ModelConfig):
@@ -223,7 +232,7 @@ def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_ar
   c = lambda name: p[name].astype(dt)  # noqa: E731
 
   def proj(eq, x, name):
-    y = jnp.einsum(eq, x, c(name))
+    y = dense(x, c(name), contract=2 if eq.startswith("btnh") else 1)
     if use_lora and f"lora_a_{name}" in p:
       y = y + lora.delta(cfg, p, name, x)
     return y
