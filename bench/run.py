@@ -22,9 +22,11 @@ sys.path.insert(0, os.path.dirname(HERE))
 JOBS = {
     "peak": [("peak_matmul", "peak_matmul_flops", {})],
     "sft": [("jaxalign_sft", "jaxalign_sft", {}), ("plain_jax_sft", "plain_jax_sft", {}),
-            ("torch_sft", "torch_sft", {})],
+            ("torch_sft", "torch_sft", {}), ("trl_sft", "trl_sft", {})],
     "pairs": [("jaxalign_reward", "jaxalign_pairs", {"kind": "reward"}), ("jaxalign_dpo", "jaxalign_pairs", {"kind": "dpo"}),
-              ("torch_dpo", "torch_dpo", {})],
+              ("torch_dpo", "torch_dpo", {}), ("trl_dpo", "trl_dpo", {})],
+    "online": [("jaxalign_grpo", "jaxalign_grpo", {}), ("trl_grpo", "trl_grpo", {}),
+               ("jaxalign_ppo", "jaxalign_ppo", {})],
     "sampler": [("jaxalign_sampler", "jaxalign_sampler", {}), ("torch_generate", "torch_generate", {})],
     "scaling": [(f"jaxalign_sft_T{t}", "jaxalign_sft", {"seq": t, "batch": max(1, 2048 // t), "steps": 5})
                 for t in (128, 256, 512, 1024, 2048)] +
@@ -67,9 +69,17 @@ def report(r: dict) -> list[str]:
     va, vb, vc = f(a), f(b), f(c)
     lines.append(f"| {label} | {_n(va)} | {_n(vb)} | {_n(vc)} | {_ratio(va, vb)} | {_ratio(va, vc)} |")
   pairs = lambda k: (r[k]["pairs_per_step"] / r[k]["median_s"]) if r.get(k) else None  # noqa: E731
-  lines.append(f"| DPO step (pairs/s) | {_n(pairs('jaxalign_dpo'))} | - | {_n(pairs('torch_dpo'))} | - | "
+  lines.append(f"| SFT step vs TRL SFTTrainer (tokens/s) | {_n(tps('jaxalign_sft'))} | - | {_n(tps('trl_sft'))} (TRL) | - "
+               f"| {_ratio(tps('jaxalign_sft'), tps('trl_sft'))} |")
+  lines.append(f"| DPO step (pairs/s) | {_f1(pairs('jaxalign_dpo'))} | - | {_f1(pairs('torch_dpo'))} | - | "
                f"{_ratio(pairs('jaxalign_dpo'), pairs('torch_dpo'))} |")
-  lines.append(f"| reward-model step (pairs/s) | {_n(pairs('jaxalign_reward'))} | - | - | - | - |")
+  lines.append(f"| DPO step vs TRL DPOTrainer (pairs/s) | {_f1(pairs('jaxalign_dpo'))} | - | {_f1(pairs('trl_dpo'))} (TRL) "
+               f"| - | {_ratio(pairs('jaxalign_dpo'), pairs('trl_dpo'))} |")
+  sps = lambda k: (r[k]["samples_per_iteration"] / r[k]["median_s"]) if r.get(k) else None  # noqa: E731
+  lines.append(f"| GRPO iteration (samples/s) | {_f1(sps('jaxalign_grpo'))} | - | {_f1(sps('trl_grpo'))} (TRL GRPOTrainer) "
+               f"| - | {_ratio(sps('jaxalign_grpo'), sps('trl_grpo'))} |")
+  lines.append(f"| PPO iteration (samples/s) | {_f1(sps('jaxalign_ppo'))} | - | - (TRL 1.16 has no PPO trainer) | - | - |")
+  lines.append(f"| reward-model step (pairs/s) | {_f1(pairs('jaxalign_reward'))} | - | - | - | - |")
   ntok = lambda k: (r[k]["new_tokens"] / r[k]["median_s"]) if r.get(k) else None  # noqa: E731
   lines.append(f"| sampler (new tokens/s) | {_n(ntok('jaxalign_sampler'))} | - | {_n(ntok('torch_generate'))} (generate) "
                f"| - | {_ratio(ntok('jaxalign_sampler'), ntok('torch_generate'))} |")
@@ -95,13 +105,17 @@ def _n(x):
   return "-" if x is None else f"{x:,.0f}"
 
 
+def _f1(x):
+  return "-" if x is None else f"{x:,.1f}"
+
+
 def _ratio(a, b):
   return "-" if a is None or b is None else f"{a / b:.2f}x"
 
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("--only", default="peak,sft,pairs,sampler,scaling")
+  ap.add_argument("--only", default="peak,sft,pairs,online,sampler,scaling")
   ap.add_argument("--one", default=None)
   ap.add_argument("--kwargs", default="{}")
   ap.add_argument("--out", default=os.path.join(HERE, "results.json"))

@@ -318,3 +318,206 @@ def torch_generate(reps=3):
                      do_sample=True, temperature=1.0, top_k=0, pad_token_id=0)
       times.append(time.perf_counter() - t)
   return _stats(times, None, new_tokens=BATCH * NEW)
+
+
+# ----------------------------------------------------------------------------------------------- TRL
+# TRL's own trainers on the same model, data shapes and optimizer; each optimizer step (for GRPO: one
+# iteration = generation + scoring + update) is timed by a callback, medians after 2 warm-up steps.
+
+GROUP, RL_PROMPTS, RL_PROMPT_LEN, RL_NEW = 4, 8, 64, 64  # GRPO/PPO iteration: 8 prompts x 4 samples, 64 + 64 tokens.
+
+
+def _trl_tokenizer():
+  """A real BPE tokenizer (trained here; no hub) whose ids fit the bench vocabulary."""
+  import transformers
+  from jaxalign.data.tokenizer import train_tokenizer
+  words = [f"w{i}" for i in range(3000)]
+  tok = train_tokenizer([" ".join(words[i:i + 50]) for i in range(0, 3000, 7)], vocab_size=VOCAB)
+  assert len(tok) <= VOCAB, len(tok)
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, bos_token=tok.bos_token,
+                                              eos_token=tok.eos_token, pad_token=tok.pad_token)
+
+
+class _StepTimer:
+  def __init__(self):
+    import transformers
+    outer = self
+
+    class CB(transformers.TrainerCallback):
+      def on_step_begin(self, *a, **k):
+        outer.t = time.perf_counter()
+
+      def on_step_end(self, *a, **k):
+        outer.times.append(time.perf_counter() - outer.t)
+
+    self.times, self.cb = [], CB()
+
+
+def _trl_common(steps, **kw):
+  return dict(output_dir="/tmp/jaxalign_bench_trl", max_steps=steps + 2, learning_rate=LR, lr_scheduler_type="constant",
+              weight_decay=0.0, max_grad_norm=0.0, logging_steps=10_000, save_strategy="no", report_to="none",
+              use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True, **kw)
+
+
+def trl_sft(steps=12):
+  import datasets
+  import trl
+  rng = np.random.default_rng(0)
+  rows = []
+  for _ in range(BATCH * (steps + 3)):
+    ids = rng.integers(3, VOCAB, SEQ + 1).tolist()
+    rows.append({"input_ids": ids, "labels": [-100] * (SEQ + 1 - LOSS_TOKENS) + ids[-LOSS_TOKENS:]})
+  timer = _StepTimer()
+  args = trl.SFTConfig(per_device_train_batch_size=BATCH, max_length=SEQ + 1, packing=False,
+                       dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
+                       **_trl_common(steps))
+  trainer = trl.SFTTrainer(model=_torch_model(), args=args, train_dataset=datasets.Dataset.from_list(rows),
+                           processing_class=_trl_tokenizer(), callbacks=[timer.cb])
+  trainer.train()
+  return _stats(timer.times[2:], None, tokens_per_step=SEQ * BATCH)
+
+
+def trl_dpo(steps=10):
+  import datasets
+  import trl
+  rng = np.random.default_rng(0)
+  tok = _trl_tokenizer()
+  p = SEQ - LOSS_TOKENS
+  grow = len(tok(tok.decode(rng.integers(3, len(tok), 1024).tolist()))["input_ids"]) / 1024  # Re-tokenising grows.
+  text = lambda n: tok.decode(rng.integers(3, len(tok), round(n / grow)).tolist())  # noqa: E731 - TRL tokenizes.
+  rows = [{"prompt": text(p), "chosen": text(LOSS_TOKENS), "rejected": text(LOSS_TOKENS)}
+          for _ in range(BATCH * (steps + 3))]
+  timer = _StepTimer()
+  args = trl.DPOConfig(per_device_train_batch_size=BATCH, max_length=SEQ + 8, beta=0.1, **_trl_common(steps))
+  trainer = trl.DPOTrainer(model=_torch_model(), ref_model=_torch_model(), args=args,
+                           train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
+                           callbacks=[timer.cb])
+  n = [len(tok(r["prompt"] + r["chosen"])["input_ids"]) for r in rows[:32]]
+  assert abs(np.mean(n) - SEQ) < 0.1 * SEQ, f"re-tokenised pair length {np.mean(n)} is not ~{SEQ}"
+  trainer.train()
+  return _stats(timer.times[2:], None, pairs_per_step=BATCH)
+
+
+def length_reward(prompts, completions, **_):
+  """The benchmark's verifiable reward: a cheap Python function of the decoded text (both sides use it)."""
+  return [len(c) % 13 / 13.0 for c in completions]
+
+
+def _rl_prompts(tok, n):
+  """Prompt texts that re-tokenise to about RL_PROMPT_LEN tokens (TRL tokenizes text itself)."""
+  rng = np.random.default_rng(0)
+  grow = len(tok(tok.decode(rng.integers(3, len(tok), 1024).tolist()))["input_ids"]) / 1024
+  return [tok.decode(rng.integers(3, len(tok), round(RL_PROMPT_LEN / grow)).tolist()) for _ in range(n)]
+
+
+def trl_grpo(steps=5):
+  import datasets
+  import trl
+  tok = _trl_tokenizer()
+  ds = datasets.Dataset.from_list([{"prompt": p} for p in _rl_prompts(tok, RL_PROMPTS * (steps + 3))])
+  timer = _StepTimer()
+  args = trl.GRPOConfig(per_device_train_batch_size=RL_PROMPTS * GROUP, num_generations=GROUP,
+                        max_completion_length=RL_NEW, temperature=1.0, top_k=0, beta=0.04, num_iterations=1,
+                        steps_per_generation=1, shuffle_dataset=False, **_trl_common(steps))
+  import tempfile
+  path = tempfile.mkdtemp()  # TRL builds its reference model from the policy's path.
+  _torch_model().save_pretrained(path)
+  trainer = trl.GRPOTrainer(model=path, reward_funcs=length_reward, args=args, train_dataset=ds,
+                            processing_class=tok, callbacks=[timer.cb])
+  trainer.train()
+  return _stats(timer.times[2:], None, samples_per_iteration=RL_PROMPTS * GROUP)
+
+
+def jaxalign_grpo(steps=5):
+  """One GRPO iteration as the online loop runs it: jitted group rollout, host decode + Python reward,
+  jitted update (reference KL on, like TRL's beta)."""
+  import jax
+  import jax.numpy as jnp
+  from jaxalign.config import base
+  from jaxalign.loops.online import decode_responses, left_pad
+  from jaxalign.models import transformer
+  from jaxalign.optim import make_optimizer
+  from jaxalign.steps import grpo as grpo_steps
+  from jaxalign.steps.state import create
+  from configs import grpo as grpo_config
+
+  tok = _trl_tokenizer()
+  cfg = jaxalign_cfg()
+  params = {"model": transformer.init_params(cfg, jax.random.key(0))}
+  c = grpo_config.get_config()
+  with c.unlocked():
+    c.grpo.group_size, c.grpo.kl_coef = GROUP, 0.04
+    c.rollout.max_new_tokens, c.rollout.temperature, c.rollout.top_k, c.rollout.top_p = RL_NEW, 1.0, 0, 1.0
+  ocfg = base("grpo").optimizer
+  with ocfg.unlocked():
+    ocfg.learning_rate, ocfg.schedule, ocfg.clip_norm, ocfg.weight_decay = LR, "constant", 0.0, 0.0
+  tx, _ = make_optimizer(ocfg, params, 100)
+  state = create(params, tx, 0, frozen={"reference": jax.tree.map(jnp.copy, params["model"])})
+  stops, pad = (tok.eos_token_id,), tok.pad_token_id
+  roll = jax.jit(lambda st, p, m, k: grpo_steps.group_rollout(st, p, m, k, cfg=cfg, rcfg=c.rollout, gcfg=c.grpo,
+                                                               stop_ids=stops, pad_id=pad))
+  upd = jax.jit(lambda st, ro, r, k: grpo_steps.grpo_update(st, ro, r, k, cfg=cfg, gcfg=c.grpo, temperature=1.0,
+                                                             tx=tx), donate_argnums=(0,))
+  prompts = _rl_prompts(tok, RL_PROMPTS)
+  toks, mask = left_pad([np.asarray(tok(p)["input_ids"]) for p in prompts], RL_PROMPT_LEN, pad)
+
+  def one(carry):
+    st, i = carry
+    k = jax.random.fold_in(jax.random.key(1), i)
+    ro = roll(st, toks, mask, k)
+    comps = decode_responses(tok, np.asarray(ro.tokens[:, -RL_NEW:]), np.asarray(ro.mask))
+    r = jnp.asarray(length_reward(None, comps), jnp.float32)
+    st, m = upd(st, ro, r, k)
+    return (st, i + 1), m["loss"]
+
+  compile_s, times, _ = _timed(one, (state, 0), steps)
+  return _stats(times, compile_s, samples_per_iteration=RL_PROMPTS * GROUP)
+
+
+def jaxalign_ppo(steps=5):
+  """One PPO iteration (rollout of RL_PROMPTS x GROUP samples, policy/reference/reward/value passes, GAE,
+  1 epoch x 1 minibatch of clipped policy and value updates), as one jitted function like the online loop."""
+  import jax
+  import jax.numpy as jnp
+  from jaxalign.config import base
+  from jaxalign.models import heads, transformer
+  from jaxalign.optim import make_optimizer
+  from jaxalign.steps import ppo as ppo_steps
+  from jaxalign.steps.state import create
+  from configs import ppo as ppo_config
+
+  cfg = jaxalign_cfg()
+  model = transformer.init_params(cfg, jax.random.key(0))
+  c = ppo_config.get_config()
+  with c.unlocked():
+    c.ppo.epochs, c.ppo.minibatches = 1, 1
+    c.rollout.max_new_tokens, c.rollout.temperature, c.rollout.top_k, c.rollout.top_p = RL_NEW, 1.0, 0, 1.0
+  ocfg = base("ppo").optimizer
+  with ocfg.unlocked():
+    ocfg.learning_rate, ocfg.schedule, ocfg.clip_norm, ocfg.weight_decay = LR, "constant", 0.0, 0.0
+  copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731
+  pol_p = {"model": model}
+  val_p = {"model": copy(model), "head": heads.init_head(cfg, jax.random.key(1))}
+  pol_tx, _ = make_optimizer(ocfg, pol_p, 100)
+  val_tx, _ = make_optimizer(ocfg, val_p, 100)
+  frozen = {"reference": copy(model), "reward": {"model": copy(model), "head": heads.init_head(cfg, jax.random.key(2))}}
+  state = ppo_steps.PPOState(create(pol_p, pol_tx, 0, frozen=frozen), create(val_p, val_tx, 1),
+                             jnp.float32(0.05), jnp.int32(0))
+  rng = np.random.default_rng(0)
+  toks = jnp.asarray(rng.integers(3, VOCAB, (RL_PROMPTS * GROUP, RL_PROMPT_LEN)), jnp.int32)
+  mask = jnp.ones_like(toks, bool)
+
+  def iteration(st, k):
+    ro, _ = ppo_steps.make_experience(st, toks, mask, k, cfg=cfg, pcfg=c.ppo, rcfg=c.rollout, stop_ids=(2,), pad_id=0)
+    st, m = ppo_steps.ppo_update(st, ro, k, cfg=cfg, pcfg=c.ppo, temperature=1.0, pol_tx=pol_tx, val_tx=val_tx)
+    return st, m["policy_loss"]
+
+  j = jax.jit(iteration, donate_argnums=(0,))
+
+  def one(carry):
+    st, i = carry
+    st, loss = j(st, jax.random.fold_in(jax.random.key(3), i))
+    return (st, i + 1), loss
+
+  compile_s, times, _ = _timed(one, (state, 0), steps)
+  return _stats(times, compile_s, samples_per_iteration=RL_PROMPTS * GROUP)
