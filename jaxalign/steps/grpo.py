@@ -24,8 +24,8 @@ class GroupRollout(NamedTuple):
   positions: jax.Array
   segment_ids: jax.Array
   mask: jax.Array  # [B*G, N]
-  old_logp: jax.Array
-  ref_logp: jax.Array
+  old_logp: jax.Array  # [B*G, N]; zeros when on-policy (the update's own forward stands in; see on_policy).
+  ref_logp: jax.Array | None  # None without a reference model.
   model_scores: jax.Array  # [B*G] reward-model scores (0 without a reward model).
   finished: jax.Array  # [B*G] bool
 
@@ -40,22 +40,34 @@ def group_rollout(state: TrainState, prompts, prompt_mask, rng, *, cfg, rcfg, gc
                         pad_id=pad_id)
   tokens, pos, seg = sampling.sequences(prompts, prompt_mask, s)
   frozen = state.frozen or {}
-  old_logp = response_logprobs(cfg, state.params["model"], tokens, pos, seg, p, rcfg.temperature) * s.mask
+  if on_policy(gcfg):  # The update's own forward gives these exactly (at the same params); skip a pass.
+    old_logp = jnp.zeros_like(s.mask)
+  else:
+    old_logp = response_logprobs(cfg, state.params["model"], tokens, pos, seg, p, rcfg.temperature) * s.mask
   # Each model's pass waits for the previous one (sharding.after: one collective order on every device).
   if "reference" in frozen:
     ref_logp = response_logprobs(cfg, frozen["reference"], *sharding.after((tokens, pos, seg), old_logp), p,
                                  rcfg.temperature) * s.mask
   else:
-    ref_logp = old_logp
+    ref_logp = None
   scores = score_sequences(cfg, frozen["reward"], *sharding.after((tokens, pos, seg), ref_logp)) if (
       "reward" in frozen) else jnp.zeros(tokens.shape[0], jnp.float32)
   return GroupRollout(tokens, pos, seg, s.mask, old_logp, ref_logp, scores, s.finished)
+
+
+def on_policy(gcfg) -> bool:
+  """One epoch of one minibatch: the update runs at the sampling params, so old log-probs == current ones."""
+  return gcfg.epochs == 1 and gcfg.minibatches == 1
 
 
 def _loss(params, mb, *, cfg, gcfg, temperature, prompt_len, max_len, global_tokens):
   lp = response_logprobs(cfg, params["model"], mb["tokens"], mb["positions"], mb["segment_ids"], prompt_len,
                          temperature)
   mask = mb["mask"]
+  if on_policy(gcfg):
+    mb = {**mb, "old_logp": jax.lax.stop_gradient(lp)}
+  if mb["ref_logp"] is None:  # No reference model (kl_coef 0): a zero KL.
+    mb = {**mb, "ref_logp": jax.lax.stop_gradient(lp)}
   adv = mb["advantages"][:, None] * mask
   if gcfg.importance == "sequence":  # GSPO
     lp_eff = mb["old_logp"] + jnp.log(rl.gspo_ratio(lp, mb["old_logp"], mask))
@@ -102,5 +114,6 @@ def grpo_update(state: TrainState, rollout: GroupRollout, rewards, rng, *, cfg, 
   metrics.update(reward=rewards.mean(), reward_std=rewards.std(), advantage_abs=jnp.abs(adv).mean(),
                  response_length=rollout.mask.sum(-1).mean(),
                  no_eos_fraction=1.0 - rollout.finished.astype(jnp.float32).mean(),
-                 kl_ref=masked_mean(rl.kl_estimate(rollout.old_logp, rollout.ref_logp, "k3"), rollout.mask))
+                 kl_ref=metrics["kl"] if on_policy(gcfg) or rollout.ref_logp is None else
+                 masked_mean(rl.kl_estimate(rollout.old_logp, rollout.ref_logp, "k3"), rollout.mask))
   return state, metrics
