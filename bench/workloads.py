@@ -156,7 +156,8 @@ def jaxalign_sampler(reps=5):
 # ----------------------------------------------------------------------------------------------- plain JAX
 
 def plain_jax_sft(steps=12, seq=SEQ, batch=BATCH):
-  """The floor: a minimal hand-written Llama and a hand-written jitted AdamW step."""
+  """The floor: a minimal hand-written Llama and a hand-written jitted AdamW step, with the same XLA:CPU
+  choices as jaxalign's bench config (2-D matmuls, unrolled layers) and logits only for the loss tokens."""
   import jax
   import jax.numpy as jnp
 
@@ -180,24 +181,28 @@ def plain_jax_sft(steps=12, seq=SEQ, batch=BATCH):
     h = x.shape[-1] // 2
     return x * cos[:, None, None] + jnp.concatenate([-x[..., h:], x[..., :h]], -1) * sin[:, None, None]
 
+  def mm(x, w):  # One 2-D matmul (XLA:CPU's fast path for the weight gradient; see models.transformer.dense).
+    return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+
   def layer(x, l):
     b, t, _ = x.shape
     h = rms(x, l["n1"])
-    q = rope((h @ l["wq"]).reshape(b, t, KV_HEADS, HEADS // KV_HEADS, hd))
-    k = rope((h @ l["wk"]).reshape(b, t, KV_HEADS, hd)[:, :, :, None])[:, :, :, 0]
-    v = (h @ l["wv"]).reshape(b, t, KV_HEADS, hd)
+    q = rope(mm(h, l["wq"]).reshape(b, t, KV_HEADS, HEADS // KV_HEADS, hd))
+    k = rope(mm(h, l["wk"]).reshape(b, t, KV_HEADS, hd)[:, :, :, None])[:, :, :, 0]
+    v = mm(h, l["wv"]).reshape(b, t, KV_HEADS, hd)
     s = jnp.einsum("btkgh,bskh->bkgts", q, k) / jnp.sqrt(hd)
     a = jax.nn.softmax(jnp.where(causal, s, -1e30), -1)
     o = jnp.einsum("bkgts,bskh->btkgh", a, v).reshape(b, t, HEADS * hd)
-    x = x + o @ l["wo"]
+    x = x + mm(o, l["wo"])
     h = rms(x, l["n2"])
-    return x + (jax.nn.silu(h @ l["wg"]) * (h @ l["wu"])) @ l["wd"], None
+    return x + mm(jax.nn.silu(mm(h, l["wg"])) * mm(h, l["wu"]), l["wd"]), None
 
   def loss_fn(p, inp, tgt):
     x = p["emb"][inp]
     layers = {k: p[k] for k in ("wq", "wk", "wv", "wo", "wg", "wu", "wd", "n1", "n2")}
-    x, _ = jax.lax.scan(layer, x, layers)
-    logits = rms(x, p["norm"])[:, -LOSS_TOKENS:] @ p["head"]
+    for i in range(LAYERS):  # Unrolled, as the jaxalign bench config.
+      x, _ = layer(x, {k: v[i] for k, v in layers.items()})
+    logits = mm(rms(x, p["norm"])[:, -LOSS_TOKENS:], p["head"])
     lp = jax.nn.log_softmax(logits)
     return -jnp.mean(jnp.take_along_axis(lp, tgt[:, -LOSS_TOKENS:, None], -1))
 
