@@ -159,8 +159,11 @@ def test_mesh_errors():
     sharding.spec_for(("nonsense",), (4,), sharding.make_mesh(), name="x")
 
 
-def test_fused_attention_matches_dense_values_and_gradients():
+@pytest.mark.parametrize("fold_max", [256 * 256, 0])  # Both layouts: groups folded into queries, and not.
+def test_fused_attention_matches_dense_values_and_gradients(fold_max, monkeypatch):
+  from jaxalign.models import attention
   from jaxalign.models.attention import dense_attention, fused_attention, make_mask
+  monkeypatch.setattr(attention, "FOLD_MAX_SCORES", fold_max)
   k = jax.random.split(jax.random.key(0), 3)
   q = jax.random.normal(k[0], (2, 16, 4, 8))
   kk, v = jax.random.normal(k[1], (2, 16, 2, 8)), jax.random.normal(k[2], (2, 16, 2, 8))
