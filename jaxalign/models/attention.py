@@ -16,6 +16,8 @@ import jax.numpy as jnp
 
 _NEG = -1e30
 FOLD_MAX_SCORES = 256 * 256  # Query x key positions up to which fused_attention folds groups into queries.
+CAUSAL_BLOCK_MIN = 64  # Smallest query block of causal_blocks (smaller blocks cost more per-op overhead)...
+CAUSAL_MAX_BLOCKS = 16  # ...and the most blocks (each block is its own ops: compile time grows with the count).
 
 
 def make_mask(q_seg_BT, q_slot_T, q_pos_BT, k_seg_BS, k_slot_S, k_pos_BS, window) -> jax.Array:
@@ -135,3 +137,29 @@ def fused_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, *, scale: float):
   q_BKQH = q_BTNH.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
   o = _fused_attention(q_BKQH, k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3), bias_BTS, scale)
   return o.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def causal_blocks(t: int) -> list[tuple[int, int]]:
+  """Static query blocks [start, end) for blockwise causal attention over t positions."""
+  if t <= CAUSAL_BLOCK_MIN:
+    return [(0, t)]
+  size = max(CAUSAL_BLOCK_MIN, -(-t // CAUSAL_MAX_BLOCKS))
+  return [(a, min(a + size, t)) for a in range(0, t, size)]
+
+
+def blockwise_causal(kernel, q_BTNH, k_BSKH, v_BSKH, mask_BTS):
+  """Causal attention that never computes the key blocks after a query block.
+
+  Valid when key slot s > query slot t is always masked and slots are the positions 0..T-1 of both sides
+  (a forward without a KV cache, packed or not). Query block [a, e) attends keys [0, e) only, with its full
+  softmax there: exact, no online rescaling, and each block is the unchanged `kernel` (so its hand-written
+  backward applies per block; slicing sums the key/value gradients). Measured on the bench shape
+  (T=256, 4 blocks): one layer's attention fwd+bwd 48 -> 24 ms; at T=1024 (16 blocks) 341 -> 103 ms --
+  about the 2x of skipped work, plus smaller score blocks that stay in cache.
+  """
+  t = q_BTNH.shape[1]
+  blocks = causal_blocks(t)
+  if len(blocks) == 1 or k_BSKH.shape[1] != t:
+    return kernel(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+  outs = [kernel(q_BTNH[:, a:e], k_BSKH[:, :e], v_BSKH[:, :e], mask_BTS[:, a:e, :e]) for a, e in blocks]
+  return jnp.concatenate(outs, axis=1)

@@ -47,6 +47,7 @@ class ModelConfig:
   remat: str = "none"  # 'none' | 'full' (recompute each layer in the backward) | 'dots' (keep matmul outputs).
   scan_layers: bool = True  # lax.scan over the stacked layers: compile time independent of depth.
   attention: str = "auto"  # 'auto' (fused unless soft-capped) | 'fused' (hand-written backward) | 'dense'.
+  causal_blocks: bool = True  # Without a KV cache, skip key blocks after each query block (exact; faster).
   lora_rank: int = 0  # > 0 adds low-rank adapters (B = 0 at init) to `lora_targets`.
   lora_alpha: float = 16.0  # Adapter scale alpha / rank.
   lora_targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")  # Any of wq wk wv wo w_gate w_up w_down.

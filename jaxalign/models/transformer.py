@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxalign.models import lora
-from jaxalign.models.attention import dense_attention, fused_attention, make_mask
+from jaxalign.models.attention import blockwise_causal, dense_attention, fused_attention, make_mask
 from jaxalign.models.config import ModelConfig
 
 
@@ -263,7 +263,7 @@ def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_ar
     k_use, v_use = k_BTKH, v_BTKH
   mask_BTS = make_mask(*mask_args, window)
   scale = (cfg.query_scale or cfg.head_dim) ** -0.5
-  o_BTNH = attend(cfg, q_BTNH, k_use, v_use, mask_BTS, scale)
+  o_BTNH = attend(cfg, q_BTNH, k_use, v_use, mask_BTS, scale, causal=cache is None)
   o_BTD = proj("btnh,nhd->btd", o_BTNH, "wo")
   if cfg.post_norms:
     o_BTD = rms_norm(o_BTD, p["post_attn_norm"], cfg)
@@ -276,11 +276,18 @@ def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_ar
   return x_BTD + m_BTD, kv
 
 
-def attend(cfg: ModelConfig, q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale):
-  """Dispatch to the configured attention kernel ('auto': the fused backward unless soft-capping)."""
+def attend(cfg: ModelConfig, q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale, causal: bool = False):
+  """Dispatch to the configured attention kernel ('auto': the fused backward unless soft-capping).
+
+  `causal`: queries and keys are the same slots 0..T-1 (no KV cache), so key blocks after a query block
+  are skipped (attention.blockwise_causal) unless `cfg.causal_blocks` is off."""
   if cfg.attention in ("auto", "fused") and not cfg.attn_softcap:
-    return fused_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale=scale)
-  return dense_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale=scale, softcap=cfg.attn_softcap)
+    kernel = lambda q, k, v, m: fused_attention(q, k, v, m, scale=scale)  # noqa: E731
+  else:
+    kernel = lambda q, k, v, m: dense_attention(q, k, v, m, scale=scale, softcap=cfg.attn_softcap)  # noqa: E731
+  if causal and cfg.causal_blocks:
+    return blockwise_causal(kernel, q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+  return kernel(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
 
 
 # ---------------------------------------------------------------------------------------------------------------

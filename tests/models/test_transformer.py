@@ -159,6 +159,32 @@ def test_mesh_errors():
     sharding.spec_for(("nonsense",), (4,), sharding.make_mesh(), name="x")
 
 
+@pytest.mark.parametrize("t,block_min", [(16, 4), (19, 4), (16, 64)])  # even, ragged last block, one block
+def test_blockwise_causal_attention_is_exact(t, block_min, monkeypatch):
+  """Skipping the key blocks after each query block changes nothing: values and gradients equal the full
+  kernel on packed rows (two segments, right padding), for both kernels."""
+  from jaxalign.models import attention
+  monkeypatch.setattr(attention, "CAUSAL_BLOCK_MIN", block_min)
+  blocks = attention.causal_blocks(t)
+  assert blocks[0][0] == 0 and blocks[-1][1] == t and all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+  assert (len(blocks) > 1) == (t > block_min)
+  k = jax.random.split(jax.random.key(1), 3)
+  q = jax.random.normal(k[0], (2, t, 4, 8))
+  kk, v = jax.random.normal(k[1], (2, t, 2, 8)), jax.random.normal(k[2], (2, t, 2, 8))
+  cut = t // 2 + 1
+  seg = jnp.array([[1] * cut + [2] * (t - cut), [1] * (t - 3) + [0] * 3])
+  pos = jnp.array([list(range(cut)) + list(range(t - cut)), list(range(t - 3)) + [0] * 3])
+  m = attention.make_mask(seg, jnp.arange(t), pos, seg, jnp.arange(t), pos, 0)
+  for kernel in (lambda *a: attention.fused_attention(*a, scale=0.3),
+                 lambda *a: attention.dense_attention(*a, scale=0.3, softcap=None)):
+    full = lambda q, kk, v: (kernel(q, kk, v, m) ** 2 * (seg[:, :, None, None] > 0)).sum()  # noqa: E731
+    blk = lambda q, kk, v: (attention.blockwise_causal(kernel, q, kk, v, m) ** 2  # noqa: E731
+                            * (seg[:, :, None, None] > 0)).sum()
+    np.testing.assert_allclose(full(q, kk, v), jax.jit(blk)(q, kk, v), rtol=1e-6)
+    for a, b in zip(jax.grad(full, (0, 1, 2))(q, kk, v), jax.jit(jax.grad(blk, (0, 1, 2)))(q, kk, v)):
+      np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 @pytest.mark.parametrize("fold_max", [256 * 256, 0])  # Both layouts: groups folded into queries, and not.
 def test_fused_attention_matches_dense_values_and_gradients(fold_max, monkeypatch):
   from jaxalign.models import attention
