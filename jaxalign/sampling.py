@@ -57,9 +57,10 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_mask, rng, *, max_n
   cache = transformer.init_cache(cfg, b, p + n)
   # Unrolled layers update the cache in place; a layer scan would copy the whole cache every token.
   model = transformer.bind(cfg.replace(scan_layers=False, remat="none"), params)
+  layers = transformer.layer_list(model)  # Sliced once here, not in every decode step.
   seg = prompt_mask.astype(jnp.int32)
   pos = prompt_positions(prompt_mask)
-  logits, cache = model(prompt_tokens, pos, seg, cache)
+  logits, cache = model(prompt_tokens, pos, seg, cache, layers=layers)
   last = logits[:, -1]
   next_pos = pos[:, -1] + 1
   stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
@@ -83,7 +84,8 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_mask, rng, *, max_n
     lps = lps.at[:, i].set(jnp.where(live, lp, 0.0))
     mask = mask.at[:, i].set(live.astype(jnp.float32))
     done = done | (live & jnp.isin(tok, stop))
-    out, cache = model(tok[:, None], (next_pos + i)[:, None], live.astype(jnp.int32)[:, None], cache)
+    out, cache = model(tok[:, None], (next_pos + i)[:, None], live.astype(jnp.int32)[:, None], cache,
+                       layers=layers)
     return i + 1, cache, out[:, 0], toks, lps, mask, done, key
 
   init = (jnp.zeros((), jnp.int32), cache, last, jnp.full((b, n), pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),

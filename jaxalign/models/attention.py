@@ -118,24 +118,28 @@ def _grouped_bwd(scale, res, do_BTKGH):
 _grouped_attention.defvjp(_grouped_fwd, _grouped_bwd)
 
 
-def fused_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, *, scale: float):
+def fused_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, *, scale: float, kv_heads_first: bool = False):
   """Same result as dense_attention (no soft-capping), with a hand-written backward.
 
   Layout: the G query heads sharing a KV head are folded into the query axis ([B, K, G*T, H]), so grouped
   attention is a plain batched matmul per (batch, KV head) in both directions (measured on the bench
   shape: one layer's fwd+bwd ~64 -> ~30 ms against the [B, T, K, G, H] einsums). For T x S above
   FOLD_MAX_SCORES the [B, T, K, G, H] layout is kept: on XLA:CPU it measured faster there (SFT step at
-  T=2048: 1.6 s vs 2.3 s). Both have the same values and gradients (tested).
+  T=2048: 1.6 s vs 2.3 s). Both have the same values and gradients (tested). `kv_heads_first`: keys and
+  values come as [B, K, S, H] (the KV cache's layout), so decode folds without copying the cache.
   """
   b, t, n, h = q_BTNH.shape
-  kh = k_BSKH.shape[2]
+  kh, s_len = (k_BSKH.shape[1], k_BSKH.shape[2]) if kv_heads_first else (k_BSKH.shape[2], k_BSKH.shape[1])
   g = n // kh
   bias_BTS = jnp.where(mask_BTS, 0.0, _NEG).astype(jnp.float32)
-  if t * k_BSKH.shape[1] > FOLD_MAX_SCORES:
+  to_bksh = lambda x: x if kv_heads_first else x.transpose(0, 2, 1, 3)  # noqa: E731
+  if t * s_len > FOLD_MAX_SCORES:
+    if kv_heads_first:
+      k_BSKH, v_BSKH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
     o = _grouped_attention(q_BTNH.reshape(b, t, kh, g, h), k_BSKH, v_BSKH, bias_BTS, scale)
     return o.reshape(b, t, n, h)
   q_BKQH = q_BTNH.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
-  o = _fused_attention(q_BKQH, k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3), bias_BTS, scale)
+  o = _fused_attention(q_BKQH, to_bksh(k_BSKH), to_bksh(v_BSKH), bias_BTS, scale)
   return o.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 

@@ -25,10 +25,13 @@ from jaxalign.models.config import ModelConfig
 
 
 class KVCache(NamedTuple):
-  """Preallocated decode cache; `index` is the next slot to write (shared by all rows)."""
+  """Preallocated decode cache; `index` is the next slot to write (shared by all rows).
 
-  k_LBSKH: jax.Array
-  v_LBSKH: jax.Array
+  One array per layer, [batch, kv heads, slots, head dim]: an unrolled decode step updates each in place and
+  attention reads it as is (a stacked [L, ...] array costs a copy of the layer's slice per token)."""
+
+  k_BKSH: tuple[jax.Array, ...]
+  v_BKSH: tuple[jax.Array, ...]
   seg_BS: jax.Array  # 0 = empty or padding.
   pos_BS: jax.Array
   index: jax.Array  # int32 scalar.
@@ -36,8 +39,9 @@ class KVCache(NamedTuple):
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
   dtype = jnp.dtype(dtype or cfg.dtype)
-  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), jnp.int32),
+  shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
+  zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))  # noqa: E731
+  return KVCache(zeros(), zeros(), jnp.zeros((batch, length), jnp.int32),
                  jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32))
 
 
@@ -94,8 +98,8 @@ class Transformer(nnx.Module):
       self.lm_head = _param(rngs, (d, v), ("embed", "vocab"), pd)
 
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache: KVCache | None = None,
-               use_lora: bool = True):
-    h_BTD, cache = self.hidden_states(tokens_BT, positions_BT, segment_ids_BT, cache, use_lora)
+               use_lora: bool = True, layers: list[dict] | None = None):
+    h_BTD, cache = self.hidden_states(tokens_BT, positions_BT, segment_ids_BT, cache, use_lora, layers)
     return self.logits(h_BTD), cache
 
   def logits(self, h_BTD) -> jax.Array:
@@ -109,10 +113,12 @@ class Transformer(nnx.Module):
     return logits_BTV
 
   def hidden_states(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache: KVCache | None = None,
-                    use_lora: bool = True):
+                    use_lora: bool = True, layers: list[dict] | None = None):
     """Token ids -> final-normed hidden states [B, T, D] (float32) and the updated cache.
 
-    `use_lora=False` runs the base model of a LoRA-adapted one (the reference, without a second copy)."""
+    `use_lora=False` runs the base model of a LoRA-adapted one (the reference, without a second copy).
+    `layers`: this model's `layer_list()`, sliced once outside a decode loop (unrolled layers only), so a
+    decode step does not copy every layer's weights out of the stacked arrays again."""
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     b, t = tokens_BT.shape
@@ -147,14 +153,21 @@ class Transformer(nnx.Module):
                 else jax.checkpoint_policies.nothing_saveable)
       body = jax.checkpoint(body, policy=policy, prevent_cse=not cfg.scan_layers)
 
-    kv_in = (cache.k_LBSKH, cache.v_LBSKH) if cache is not None else None
     if cfg.scan_layers:
+      kv_in = (jnp.stack(cache.k_BKSH), jnp.stack(cache.v_BKSH)) if cache is not None else None
       x_BTD, kv_out = jax.lax.scan(body, x_BTD, (layer_params, windows_L, kv_in))
+      if cache is not None:
+        kv_out = tuple(tuple(x[i] for i in range(cfg.num_layers)) for x in kv_out)
     else:  # Unrolled; the cache is updated in place per layer (no per-token copy of the whole cache).
-      kv_out = kv_in
+      ks, vs = [], []
       for i in range(cfg.num_layers):
-        p_i, w_i = jax.tree.map(lambda a: a[i], (layer_params, windows_L))
-        x_BTD, kv_out = body(x_BTD, (p_i, w_i, None if cache is None else (*kv_out, i)))
+        p_i = layers[i] if layers is not None else jax.tree.map(lambda a: a[i], layer_params)
+        kv = None if cache is None else (cache.k_BKSH[i], cache.v_BKSH[i])
+        x_BTD, kv = body(x_BTD, (p_i, windows_L[i], kv))
+        if cache is not None:
+          ks.append(kv[0])
+          vs.append(kv[1])
+      kv_out = (tuple(ks), tuple(vs))
     h_BTD = rms_norm(x_BTD, self.final_norm[...], cfg)
     if cache is not None:
       cache = KVCache(kv_out[0], kv_out[1], k_seg, k_pos, cache.index + t)
@@ -247,23 +260,19 @@ def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_ar
     q_BTNH, k_BTKH = rms_norm(q_BTNH, p["q_norm"], cfg), rms_norm(k_BTKH, p["k_norm"], cfg)
   q_BTNH = apply_rope(q_BTNH, sin_BTH, cos_BTH)
   k_BTKH = apply_rope(k_BTKH, sin_BTH, cos_BTH)
-  if cache is not None and len(kv) == 3:  # Full [L, ...] cache and this layer's index (unrolled layers).
-    k_full, v_full, layer = kv
-    k_full = jax.lax.dynamic_update_slice(k_full, k_BTKH[None].astype(k_full.dtype), (layer, 0, cache.index, 0, 0))
-    v_full = jax.lax.dynamic_update_slice(v_full, v_BTKH[None].astype(v_full.dtype), (layer, 0, cache.index, 0, 0))
-    kv = (k_full, v_full)
-    k_use, v_use = k_full[layer].astype(dt), v_full[layer].astype(dt)
-  elif cache is not None:
+  if cache is not None:
     k_all, v_all = kv
-    k_all = jax.lax.dynamic_update_slice(k_all, k_BTKH.astype(k_all.dtype), (0, cache.index, 0, 0))
-    v_all = jax.lax.dynamic_update_slice(v_all, v_BTKH.astype(v_all.dtype), (0, cache.index, 0, 0))
+    new_k, new_v = (x.transpose(0, 2, 1, 3).astype(k_all.dtype) for x in (k_BTKH, v_BTKH))
+    k_all = jax.lax.dynamic_update_slice(k_all, new_k, (0, 0, cache.index, 0))
+    v_all = jax.lax.dynamic_update_slice(v_all, new_v, (0, 0, cache.index, 0))
     kv = (k_all, v_all)
     k_use, v_use = k_all.astype(dt), v_all.astype(dt)
   else:
     k_use, v_use = k_BTKH, v_BTKH
   mask_BTS = make_mask(*mask_args, window)
   scale = (cfg.query_scale or cfg.head_dim) ** -0.5
-  o_BTNH = attend(cfg, q_BTNH, k_use, v_use, mask_BTS, scale, causal=cache is None)
+  o_BTNH = attend(cfg, q_BTNH, k_use, v_use, mask_BTS, scale, causal=cache is None,
+                  kv_heads_first=cache is not None)
   o_BTD = proj("btnh,nhd->btd", o_BTNH, "wo")
   if cfg.post_norms:
     o_BTD = rms_norm(o_BTD, p["post_attn_norm"], cfg)
@@ -276,18 +285,21 @@ def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_ar
   return x_BTD + m_BTD, kv
 
 
-def attend(cfg: ModelConfig, q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale, causal: bool = False):
+def attend(cfg: ModelConfig, q_BTNH, k, v, mask_BTS, scale, causal: bool = False, kv_heads_first: bool = False):
   """Dispatch to the configured attention kernel ('auto': the fused backward unless soft-capping).
 
+  Keys/values are [B, S, K, H], or [B, K, S, H] with `kv_heads_first` (the KV cache's layout).
   `causal`: queries and keys are the same slots 0..T-1 (no KV cache), so key blocks after a query block
   are skipped (attention.blockwise_causal) unless `cfg.causal_blocks` is off."""
   if cfg.attention in ("auto", "fused") and not cfg.attn_softcap:
-    kernel = lambda q, k, v, m: fused_attention(q, k, v, m, scale=scale)  # noqa: E731
+    kernel = lambda q, k, v, m: fused_attention(q, k, v, m, scale=scale, kv_heads_first=kv_heads_first)  # noqa: E731
   else:
+    if kv_heads_first:
+      k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     kernel = lambda q, k, v, m: dense_attention(q, k, v, m, scale=scale, softcap=cfg.attn_softcap)  # noqa: E731
   if causal and cfg.causal_blocks:
-    return blockwise_causal(kernel, q_BTNH, k_BSKH, v_BSKH, mask_BTS)
-  return kernel(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
+    return blockwise_causal(kernel, q_BTNH, k, v, mask_BTS)
+  return kernel(q_BTNH, k, v, mask_BTS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -314,6 +326,12 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
   """Fresh params as a plain dict; jit it with out_shardings to create them sharded."""
   _, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(params=rng)))
   return nnx.to_pure_dict(state)
+
+
+def layer_list(model: Transformer) -> list[dict]:
+  """The stacked layer params sliced per layer (for `layers=`; slice once, outside a decode loop)."""
+  stacked = {name: p[...] for name, p in model.layers.items()}
+  return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(model.cfg.num_layers)]
 
 
 def bind(cfg: ModelConfig, params: dict) -> Transformer:
