@@ -365,7 +365,8 @@ def _trl_common(steps, **kw):
   without rematerialisation (as jaxalign and the PyTorch baseline run it), so both are turned off."""
   return dict(bf16=False, fp16=False, gradient_checkpointing=False, output_dir="/tmp/jaxalign_bench_trl",
               max_steps=steps + 2, learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
-              logging_steps=10_000, save_strategy="no", report_to="none", use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True, **kw)
+              logging_steps=10_000, save_strategy="no", report_to="none", use_cpu=True, dataloader_num_workers=0,
+              seed=0, disable_tqdm=True, **kw)
 
 
 def trl_sft(steps=12):
