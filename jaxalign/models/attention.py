@@ -132,14 +132,14 @@ def fused_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, *, scale: float, kv_heads_
   kh, s_len = (k_BSKH.shape[1], k_BSKH.shape[2]) if kv_heads_first else (k_BSKH.shape[2], k_BSKH.shape[1])
   g = n // kh
   bias_BTS = jnp.where(mask_BTS, 0.0, _NEG).astype(jnp.float32)
-  to_bksh = lambda x: x if kv_heads_first else x.transpose(0, 2, 1, 3)  # noqa: E731
-  if t * s_len > FOLD_MAX_SCORES:
-    if kv_heads_first:
-      k_BSKH, v_BSKH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
+  fold = t * s_len <= FOLD_MAX_SCORES
+  if fold != kv_heads_first:  # The folded kernel wants [B, K, S, H], the grouped one [B, S, K, H].
+    k_BSKH, v_BSKH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
+  if not fold:
     o = _grouped_attention(q_BTNH.reshape(b, t, kh, g, h), k_BSKH, v_BSKH, bias_BTS, scale)
     return o.reshape(b, t, n, h)
   q_BKQH = q_BTNH.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
-  o = _fused_attention(q_BKQH, to_bksh(k_BSKH), to_bksh(v_BSKH), bias_BTS, scale)
+  o = _fused_attention(q_BKQH, k_BSKH, v_BSKH, bias_BTS, scale)
   return o.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 

@@ -161,7 +161,7 @@ class Transformer(nnx.Module):
     else:  # Unrolled; the cache is updated in place per layer (no per-token copy of the whole cache).
       ks, vs = [], []
       for i in range(cfg.num_layers):
-        p_i = layers[i] if layers is not None else jax.tree.map(lambda a: a[i], layer_params)
+        p_i = layers[i] if layers is not None else _layer(layer_params, i)
         kv = None if cache is None else (cache.k_BKSH[i], cache.v_BKSH[i])
         x_BTD, kv = body(x_BTD, (p_i, windows_L[i], kv))
         if cache is not None:
@@ -328,10 +328,14 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
   return nnx.to_pure_dict(state)
 
 
+def _layer(stacked: dict, i: int) -> dict:
+  return jax.tree.map(lambda a: a[i], stacked)
+
+
 def layer_list(model: Transformer) -> list[dict]:
   """The stacked layer params sliced per layer (for `layers=`; slice once, outside a decode loop)."""
   stacked = {name: p[...] for name, p in model.layers.items()}
-  return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(model.cfg.num_layers)]
+  return [_layer(stacked, i) for i in range(model.cfg.num_layers)]
 
 
 def bind(cfg: ModelConfig, params: dict) -> Transformer:
