@@ -344,9 +344,14 @@ def bind(cfg: ModelConfig, params: dict) -> Transformer:
 
 
 def forward(cfg: ModelConfig, params, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None,
-            use_lora: bool = True):
-  """Pure forward: float32 logits [B, T, V] and the updated cache."""
-  return bind(cfg, params)(tokens_BT, positions_BT, segment_ids_BT, cache, use_lora)
+            use_lora: bool = True, logits_at: slice | None = None):
+  """Pure forward: float32 logits [B, T, V] and the updated cache.
+
+  `logits_at`: a static slice of positions to compute logits for (e.g. the response of a fixed-length prompt):
+  the LM head and everything after it then skip the rest, not compute and discard it."""
+  model = bind(cfg, params)
+  h_BTD, cache = model.hidden_states(tokens_BT, positions_BT, segment_ids_BT, cache, use_lora)
+  return model.logits(h_BTD if logits_at is None else h_BTD[:, logits_at]), cache
 
 
 def hidden_states(cfg: ModelConfig, params, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None,

@@ -42,8 +42,9 @@ class Rollout(NamedTuple):
 def response_logprobs(cfg, params, tokens, positions, segment_ids, prompt_len: int, temperature: float,
                       with_entropy: bool = False):
   """Log-probs [B, N] (and entropy) of the response tokens under logits / temperature."""
-  logits, _ = transformer.forward(cfg, params, tokens, positions, segment_ids)
-  logits = logits[:, prompt_len - 1:-1] / temperature
+  logits, _ = transformer.forward(cfg, params, tokens, positions, segment_ids,
+                                  logits_at=slice(prompt_len - 1, tokens.shape[1] - 1))
+  logits = logits / temperature
   lp = token_logprobs(logits, tokens[:, prompt_len:])
   return (lp, token_entropy(logits)) if with_entropy else lp
 

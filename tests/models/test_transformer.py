@@ -113,6 +113,22 @@ def test_causal():
   assert np.abs(np.asarray(base[0, 7:] - changed[0, 7:])).max() > 1e-4
 
 
+def test_logits_at_equals_sliced_logits_and_gradients():
+  # A static slice of positions (a fixed-length prompt's response) gives the same logits and gradients.
+  cfg = preset("tiny", final_softcap=30.0)
+  params = T.init_params(cfg, jax.random.key(4))
+  tok = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 12)))
+  sl = slice(4, 11)
+  full = T.forward(cfg, params, tok)[0][:, sl]
+  part = T.forward(cfg, params, tok, logits_at=sl)[0]
+  assert part.shape == (2, 7, cfg.vocab_size)
+  np.testing.assert_allclose(np.asarray(part), np.asarray(full), atol=1e-5)
+  g = lambda f: jax.grad(lambda p: jnp.sum(jnp.sin(f(p))))(params)  # noqa: E731
+  ga = g(lambda p: T.forward(cfg, p, tok)[0][:, sl])
+  gb = g(lambda p: T.forward(cfg, p, tok, logits_at=sl)[0])
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5), ga, gb)
+
+
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_and_scan_same_gradients(remat):
   cfg = preset("tiny")
