@@ -55,11 +55,11 @@ def get_config(arg: str | None = None):
                                           "eval.max_batches": 0})
   if arg == "test":
     c.task = ml_collections.ConfigDict(dict(n_sft=2000, n_pref=1500, n_prompts=256, n_eval=64))
-    stages.sft["train.steps"] = 250
-    stages.reward["train.steps"] = 150
-    stages.dpo["train.steps"] = 80
-    stages.ppo["train.steps"] = 30
-    stages.grpo["train.steps"] = 30
+    stages.sft["train.steps"] = 200
+    stages.reward["train.steps"] = 100
+    stages.dpo["train.steps"] = 60
+    stages.ppo["train.steps"] = 24
+    stages.grpo["train.steps"] = 24
     for g in vars(stages).values():
       g["logging.progress"] = False
   elif arg:

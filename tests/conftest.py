@@ -39,7 +39,13 @@ def tiny(tmp_path_factory):
 
 
 def load_config(name: str, variant: str | None = None, **overrides):
-  """A stage's real default config (configs/<name>.py), with dotted overrides."""
+  """A stage's real default config (configs/<name>.py), with dotted overrides.
+
+  Without mesh overrides the mesh is data-parallel over the 8 devices (mesh.data=-1, mesh.fsdp=1): on 2 CPU
+  cores FSDP's per-layer all-gathers across 8 fake devices make learning tests ~1.5x slower, and the FSDP
+  path has its own tests (explicit meshes here, the CLI and multi-process runs)."""
+  if not any(k.startswith("mesh__") for k in overrides):
+    overrides = {"mesh__data": -1, "mesh__fsdp": 1, **overrides}
   import importlib.util
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,12 +79,18 @@ def task_sft(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def task_rm(task_sft, tmp_path_factory):
-  """A reward model trained from the task's SFT run (shared by the online-RL tests)."""
-  from jaxalign.loops import preference
+  """A reward model trained from the task's SFT run through the CLI (FSDP over 8 devices), with its HF export;
+  shared by the online-RL tests and checked itself in test_preference_runs."""
+  import subprocess
+  import sys
 
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   wd = str(tmp_path_factory.mktemp("rm") / "rm")
-  cfg = load_config("reward", "tiny", model__init=task_sft["sft"], data__train=task_sft["pref_train"],
-                    data__eval=task_sft["pref_eval"], train__steps=150, train__batch_size=16, eval__every=150,
-                    logging__progress=False, logging__tensorboard=False, export__hf=False)
-  preference.train_reward(cfg, wd)
+  cmd = [sys.executable, "launch/train.py", "--config=configs/reward.py:tiny", f"--workdir={wd}",
+         f"--config.model.init={task_sft['sft']}", f"--config.data.train={task_sft['pref_train']}",
+         f"--config.data.eval={task_sft['pref_eval']}", "--config.train.steps=150", "--config.train.batch_size=16",
+         "--config.eval.every=75", "--config.logging.progress=false", "--config.logging.tensorboard=false"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
   return wd
