@@ -60,8 +60,9 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_mask, rng, *, max_n
   layers = transformer.layer_list(model)  # Sliced once here, not in every decode step.
   seg = prompt_mask.astype(jnp.int32)
   pos = prompt_positions(prompt_mask)
-  h_BPD, cache = model.hidden_states(prompt_tokens, pos, seg, cache, layers=layers)
-  last = model.logits(h_BPD[:, -1])  # Prompts are left-padded: the prefill needs the last position's logits only.
+  # Prompts are left-padded: the prefill needs the last position's logits only.
+  logits, cache = model(prompt_tokens, pos, seg, cache, layers=layers, logits_at=slice(-1, None))
+  last = logits[:, 0]
   next_pos = pos[:, -1] + 1
   stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
 

@@ -98,9 +98,11 @@ class Transformer(nnx.Module):
       self.lm_head = _param(rngs, (d, v), ("embed", "vocab"), pd)
 
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache: KVCache | None = None,
-               use_lora: bool = True, layers: list[dict] | None = None):
+               use_lora: bool = True, layers: list[dict] | None = None, logits_at: slice | None = None):
+    """Logits [B, T, V] and the updated cache. `logits_at`: a static slice of positions to compute logits for
+    (a fixed-length prompt's response, a prefill's last position): the LM head skips the rest."""
     h_BTD, cache = self.hidden_states(tokens_BT, positions_BT, segment_ids_BT, cache, use_lora, layers)
-    return self.logits(h_BTD), cache
+    return self.logits(h_BTD if logits_at is None else h_BTD[:, logits_at]), cache
 
   def logits(self, h_BTD) -> jax.Array:
     """Final-normed hidden states -> float32 logits (soft-capped for Gemma 2)."""
@@ -345,13 +347,8 @@ def bind(cfg: ModelConfig, params: dict) -> Transformer:
 
 def forward(cfg: ModelConfig, params, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None,
             use_lora: bool = True, logits_at: slice | None = None):
-  """Pure forward: float32 logits [B, T, V] and the updated cache.
-
-  `logits_at`: a static slice of positions to compute logits for (e.g. the response of a fixed-length prompt):
-  the LM head and everything after it then skip the rest, not compute and discard it."""
-  model = bind(cfg, params)
-  h_BTD, cache = model.hidden_states(tokens_BT, positions_BT, segment_ids_BT, cache, use_lora)
-  return model.logits(h_BTD if logits_at is None else h_BTD[:, logits_at]), cache
+  """Pure forward: float32 logits [B, T, V] (only at `logits_at`, if given) and the updated cache."""
+  return bind(cfg, params)(tokens_BT, positions_BT, segment_ids_BT, cache, use_lora, logits_at=logits_at)
 
 
 def hidden_states(cfg: ModelConfig, params, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None,
