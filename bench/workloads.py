@@ -65,6 +65,7 @@ def jaxalign_sft(steps=12, seq=SEQ, batch=BATCH, **cfg_kw):
   import jax
   import jax.numpy as jnp
   from jaxalign.config import base
+  from jaxalign.data import batching
   from jaxalign.models import transformer
   from jaxalign.optim import make_optimizer
   from jaxalign.steps import sft
@@ -80,9 +81,11 @@ def jaxalign_sft(steps=12, seq=SEQ, batch=BATCH, **cfg_kw):
   inp, tgt = _batch(seq, batch)
   w = np.zeros((batch, seq), np.float32)
   w[:, -LOSS_TOKENS:] = 1.0
-  b = {"tokens": jnp.asarray(inp), "targets": jnp.asarray(tgt), "weights": jnp.asarray(w),
-       "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq)),
-       "segment_ids": jnp.ones((batch, seq), jnp.int32)}
+  b = {"tokens": inp, "targets": tgt, "weights": w, "segment_ids": np.ones((batch, seq), np.int32),
+       "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq))}
+  # As the data pipeline cuts it: targets/weights from the first trained column on (data.loss_window=4).
+  b = {k: jnp.asarray(v) for k, v in
+       batching.cut_window(b, batching.loss_window(max(seq - LOSS_TOKENS, 0), seq, 4)).items()}
   step = jax.jit(functools.partial(sft.sft_step, model_cfg=cfg, tx=tx), donate_argnums=0)
   compile_s, times, loss = _timed(lambda st: (lambda o: (o[0], o[1]["loss"]))(step(st, b)), state, steps)
   return _stats(times, compile_s, tokens_per_step=seq * batch, loss=float(loss))
@@ -93,6 +96,7 @@ def jaxalign_pairs(kind="dpo", steps=10):
   import jax
   import jax.numpy as jnp
   from jaxalign.config import base
+  from jaxalign.data import batching
   from jaxalign.models import heads, transformer
   from jaxalign.optim import make_optimizer
   from jaxalign.steps import dpo, reward
@@ -111,9 +115,12 @@ def jaxalign_pairs(kind="dpo", steps=10):
   toks = rng.integers(0, VOCAB, (BATCH, 2, SEQ + 1)).astype(np.int32)
   w = np.zeros((BATCH, 2, SEQ), np.float32)
   w[..., -LOSS_TOKENS:] = 1
-  b = {"tokens": jnp.asarray(toks[..., :-1]), "targets": jnp.asarray(toks[..., 1:]), "weights": jnp.asarray(w),
-       "positions": jnp.broadcast_to(jnp.arange(SEQ, dtype=jnp.int32), (BATCH, 2, SEQ)),
-       "segment_ids": jnp.ones((BATCH, 2, SEQ), jnp.int32), "margin": jnp.zeros(BATCH), "valid": jnp.ones(BATCH)}
+  b = {"tokens": toks[..., :-1], "targets": toks[..., 1:], "weights": w, "segment_ids": np.ones((BATCH, 2, SEQ), np.int32),
+       "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (BATCH, 2, SEQ)),
+       "margin": np.zeros(BATCH, np.float32), "valid": np.ones(BATCH, np.float32)}
+  if kind == "dpo":  # As the pipeline cuts DPO batches (data.loss_window=4); the reward step reads no targets.
+    b = batching.cut_window(b, batching.loss_window(SEQ - LOSS_TOKENS, SEQ, 4))
+  b = {k: jnp.asarray(v) for k, v in b.items()}
   if kind == "dpo":
     import importlib.util
     import os
@@ -490,6 +497,7 @@ def jaxalign_ppo(steps=5):
   import jax
   import jax.numpy as jnp
   from jaxalign.config import base
+  from jaxalign.data import batching
   from jaxalign.models import heads, transformer
   from jaxalign.optim import make_optimizer
   from jaxalign.steps import ppo as ppo_steps

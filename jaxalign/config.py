@@ -38,6 +38,7 @@ def base(stage: str) -> ml_collections.ConfigDict:
   c.data.add_eos = True  # Append EOS to completions (plain formats).
   c.data.pack = True  # Pack examples into full rows (segment ids keep them apart); else pad.
   c.data.buckets = ()  # Extra shorter row lengths for padded batches, e.g. (128, 256).
+  c.data.loss_window = 4  # SFT (padded) and DPO rows: logits from the first trained column on, in 1/N-row steps (0 = off).
   c.data.max_prompt_len = 0  # Pairs: prompt tokens kept (its end) when a pair is too long; 0 = seq_len // 2.
   c.data.too_long = "truncate"  # truncate | drop | error, for examples longer than train.seq_len.
   c.data.bad_rows = "error"  # error | skip (counted in the data report).

@@ -47,11 +47,14 @@ def process_logits(logits_BV, temperature: float, top_k: int, top_p: float):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "greedy",
-                                             "stop_ids", "pad_id"))
+                                             "stop_ids", "pad_id", "num_samples"))
 def generate(cfg: ModelConfig, params, prompt_tokens, prompt_mask, rng, *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, greedy: bool = False,
-             stop_ids: Sequence[int] = (), pad_id: int = 0) -> Samples:
-  """Sample up to `max_new_tokens` for each left-padded prompt; stops early once every row has ended."""
+             stop_ids: Sequence[int] = (), pad_id: int = 0, num_samples: int = 1) -> Samples:
+  """Sample up to `max_new_tokens` for each left-padded prompt; stops early once every row has ended.
+
+  `num_samples` > 1 draws that many completions per prompt (rows i * num_samples + j, as `jnp.repeat` of the
+  prompts lays them out) from one prefill per prompt: the prompt's cache is computed once, then repeated."""
   b, p = prompt_tokens.shape
   n = max_new_tokens
   cache = transformer.init_cache(cfg, b, p + n)
@@ -63,6 +66,11 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_mask, rng, *, max_n
   # Prompts are left-padded: the prefill needs the last position's logits only.
   logits, cache = model(prompt_tokens, pos, seg, cache, layers=layers, logits_at=slice(-1, None))
   last = logits[:, 0]
+  if num_samples > 1:
+    rep = lambda x: jnp.repeat(x, num_samples, axis=0)  # noqa: E731
+    cache = jax.tree.map(lambda x: x if x.ndim == 0 else rep(x), cache)
+    last, pos = rep(last), rep(pos)
+    b *= num_samples
   next_pos = pos[:, -1] + 1
   stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
 

@@ -73,3 +73,17 @@ def test_top_k_restricts_support():
   assert np.isfinite(np.asarray(lk)).sum() == 2
   lp = sampling.process_logits(logits, 1.0, 0, 0.5)
   assert np.isfinite(np.asarray(lp)).sum() == 1  # p(4) = 0.64 > 0.5 alone.
+
+
+def test_num_samples_shares_one_prefill_and_samples_as_repeated_prompts():
+  params = T.init_params(CFG, jax.random.key(0))
+  toks, mask, _ = _prompts()
+  kw = dict(max_new_tokens=6, temperature=1.0)
+  shared = sampling.generate(CFG, params, toks, mask, jax.random.key(3), num_samples=4, **kw)
+  rep = sampling.generate(CFG, params, jnp.repeat(toks, 4, 0), jnp.repeat(mask, 4, 0), jax.random.key(3), **kw)
+  assert shared.tokens.shape == (12, 6)
+  np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(rep.tokens))
+  np.testing.assert_allclose(np.asarray(shared.logprobs), np.asarray(rep.logprobs), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(shared.mask), np.asarray(rep.mask))
+  # The G samples of one prompt are different draws, not copies.
+  assert len({tuple(np.asarray(shared.tokens[j])) for j in range(4)}) > 1

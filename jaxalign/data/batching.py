@@ -2,7 +2,10 @@
 
 A batch is a dict of int32/float32 numpy arrays:
   tokens, positions, segment_ids   [B, T]   (segment 0 = padding; positions restart per segment)
-  targets, weights                 [B, T]   (weights[t] = 1 where predicting targets[t] = tokens[t+1] is trained)
+  targets, weights                 [B, W]   (weights[j] = 1 where predicting targets[j] = tokens[T-W+j+1] is trained)
+Targets and weights cover the last W <= T positions: padded rows cut off the leading columns that hold no
+trained target in any row of the global batch (prompts), in steps of T / `window_parts`, so the step computes
+logits only there (`loss_window`); packed rows keep W = T.
 Order is a pure function of (seed, epoch), so the position (epoch, batch index) is all a resume needs.
 Each process materialises only its own rows of every global batch.
 """
@@ -68,16 +71,48 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
   raise ValueError(f"length {length} exceeds the largest bucket {max(buckets)}")
 
 
+def first_target(ex) -> int:
+  """Row offset of the first trained target of an example laid out at 0 (len(ex) when none is trained); for a
+  pair, the earlier of its two rows."""
+  if hasattr(ex, "chosen"):
+    return min(first_target(ex.chosen), first_target(ex.rejected))
+  idx = np.flatnonzero(ex.trained[1:])
+  return int(idx[0]) if idx.size else len(ex)
+
+
+def loss_window(start: int, length: int, parts: int) -> int:
+  """Columns W of targets/weights for a batch whose first trained target is at column `start`: the last W of
+  `length` columns, W a multiple of length / parts (so at most `parts` shapes per row length); parts=0: W = T."""
+  if parts <= 0 or length % parts:
+    return length
+  g = length // parts
+  return max(g, length - (min(start, length) // g) * g)
+
+
+def cut_window(batch: dict[str, np.ndarray], window: int) -> dict[str, np.ndarray]:
+  """Keep the last `window` columns of targets and weights (the rest must carry no weight)."""
+  t = batch["weights"].shape[-1]
+  if window >= t:
+    return batch
+  if batch["weights"][..., :t - window].any():
+    raise AssertionError(f"loss window {window} of {t} columns would drop trained targets")
+  return {**batch, "targets": batch["targets"][..., t - window:], "weights": batch["weights"][..., t - window:]}
+
+
 @dataclasses.dataclass
 class BatchPlan:
-  """The rows of every batch of one epoch, as example indices, and each batch's row length."""
+  """The rows of every batch of one epoch, as example indices, each batch's row length and loss window."""
 
   batches: list[list[list[int]]]
   lengths: list[int]
+  windows: list[int]
 
 
 def plan_epoch(lengths: Sequence[int], *, batch_size: int, seq_len: int, seed: int, epoch: int, pack: bool,
-               buckets: Sequence[int] = (), shuffle: bool = True) -> BatchPlan:
+               buckets: Sequence[int] = (), shuffle: bool = True, firsts: Sequence[int] | None = None,
+               window_parts: int = 0) -> BatchPlan:
+  """`firsts[i]`: example i's first trained target (`first_target`); with window_parts, padded batches get a
+  loss window (the same on every process: the plan is global)."""
   n = len(lengths)
   order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
   if pack:
@@ -89,7 +124,11 @@ def plan_epoch(lengths: Sequence[int], *, batch_size: int, seq_len: int, seed: i
   all_buckets = sorted(set(buckets) | {seq_len})
   blens = [seq_len if pack else bucket_for(max(sum(lengths[i] for i in r) for r in bt), all_buckets)
            for bt in batches]
-  return BatchPlan(batches, blens)
+  if pack or firsts is None:
+    windows = list(blens)
+  else:
+    windows = [loss_window(min(firsts[r[0]] for r in bt), n, window_parts) for bt, n in zip(batches, blens)]
+  return BatchPlan(batches, blens, windows)
 
 
 def host_rows(global_batch: int) -> slice:
@@ -105,10 +144,12 @@ class BatchIterator:
   """Endless, resumable iterator of this process's rows of each global batch."""
 
   def __init__(self, examples: Sequence[Example], *, batch_size: int, seq_len: int, seed: int, pack: bool,
-               buckets: Sequence[int] = (), epoch: int = 0, index: int = 0):
+               buckets: Sequence[int] = (), epoch: int = 0, index: int = 0, window_parts: int = 0):
     self.examples = examples
     self.lengths = [len(e) for e in examples]
-    self.kw = dict(batch_size=batch_size, seq_len=seq_len, seed=seed, pack=pack, buckets=buckets)
+    firsts = [first_target(e) for e in examples] if window_parts and not pack else None
+    self.kw = dict(batch_size=batch_size, seq_len=seq_len, seed=seed, pack=pack, buckets=buckets,
+                   firsts=firsts, window_parts=window_parts)
     self.epoch, self.index = epoch, index
     self._plan = None
     self._plan_epoch = None
@@ -140,16 +181,16 @@ class BatchIterator:
       self.epoch, self.index = self.epoch + 1, 0
       plan = self._get_plan()
     rows = plan.batches[self.index][host_rows(self.kw["batch_size"])]
-    length = plan.lengths[self.index]
+    length, window = plan.lengths[self.index], plan.windows[self.index]
     self.index += 1
-    return self._build(rows, length)
+    return cut_window(self._build(rows, length), window)
 
   def _build(self, rows: list[list[int]], length: int) -> dict[str, np.ndarray]:
     return stack_rows([build_row([self.examples[i] for i in r], length) for r in rows])
 
 
 def eval_batches(examples: Sequence[Example], *, batch_size: int, seq_len: int, buckets: Sequence[int] = (),
-                 max_batches: int = 0):
+                 max_batches: int = 0, window_parts: int = 0):
   """Every eval example once, padded one per row, in a fixed order; the last batch filled with empty rows."""
   order = sorted(range(len(examples)), key=lambda i: len(examples[i]))  # Similar lengths share a bucket.
   all_buckets = sorted(set(buckets) | {seq_len})
@@ -160,7 +201,8 @@ def eval_batches(examples: Sequence[Example], *, batch_size: int, seq_len: int, 
     length = bucket_for(max(len(examples[i]) for i in idx), all_buckets)
     rows = [build_row([examples[i]], length) for i in idx]
     rows += [build_row([], length)] * (batch_size - len(rows))
-    out.append(stack_rows(rows[sl]))
+    window = loss_window(min(first_target(examples[i]) for i in idx), length, window_parts)
+    out.append(cut_window(stack_rows(rows[sl]), window))
     if max_batches and len(out) >= max_batches:
       break
   return out
@@ -183,14 +225,17 @@ def pair_batch(pairs, length: int) -> dict[str, np.ndarray]:
 class PairIterator(BatchIterator):
   """Endless, resumable iterator of preference-pair batches (padded into buckets; pairs are never packed)."""
 
-  def __init__(self, pairs, *, batch_size: int, seq_len: int, seed: int, buckets: Sequence[int] = ()):
-    super().__init__(pairs, batch_size=batch_size, seq_len=seq_len, seed=seed, pack=False, buckets=buckets)
+  def __init__(self, pairs, *, batch_size: int, seq_len: int, seed: int, buckets: Sequence[int] = (),
+               window_parts: int = 0):
+    super().__init__(pairs, batch_size=batch_size, seq_len=seq_len, seed=seed, pack=False, buckets=buckets,
+                     window_parts=window_parts)
 
   def _build(self, rows: list[list[int]], length: int) -> dict[str, np.ndarray]:
     return pair_batch([self.examples[r[0]] for r in rows], length)
 
 
-def eval_pair_batches(pairs, *, batch_size: int, seq_len: int, buckets: Sequence[int] = (), max_batches: int = 0):
+def eval_pair_batches(pairs, *, batch_size: int, seq_len: int, buckets: Sequence[int] = (), max_batches: int = 0,
+                      window_parts: int = 0):
   order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]))
   all_buckets = sorted(set(buckets) | {seq_len})
   sl = host_rows(batch_size)
@@ -199,7 +244,8 @@ def eval_pair_batches(pairs, *, batch_size: int, seq_len: int, buckets: Sequence
     idx = order[b:b + batch_size]
     length = bucket_for(max(len(pairs[i]) for i in idx), all_buckets)
     chunk = [pairs[i] for i in idx] + [None] * (batch_size - len(idx))
-    out.append(pair_batch(chunk[sl], length))
+    window = loss_window(min(first_target(pairs[i]) for i in idx), length, window_parts)
+    out.append(cut_window(pair_batch(chunk[sl], length), window))
     if max_batches and len(out) >= max_batches:
       break
   return out

@@ -156,12 +156,12 @@ def fit(config, workdir: str, stage: Stage, state: TrainState, mesh, train_iter:
       writer.write(done_step, "train", {**m, **tput.pop()})
 
   step = start
-  seen_lengths: set[int] = set()
+  seen_shapes: set[tuple[int, ...]] = set()  # (row length, loss window): one compile each.
   stop_at = min(total, start + config.train.run_steps) if config.train.run_steps else total
   with _SigTerm() as sig:
     while step < stop_at:
       host_batch = next(train_iter)
-      seen_lengths.add(host_batch["tokens"].shape[1])
+      seen_shapes.add((host_batch["tokens"].shape[1], host_batch["targets"].shape[-1]))
       tput.add(int((host_batch["segment_ids"] > 0).sum()) * jax.process_count())
       state, m = jit_step(state, to_device(host_batch, mesh))
       step += 1
@@ -200,7 +200,8 @@ def fit(config, workdir: str, stage: Stage, state: TrainState, mesh, train_iter:
   if progress:
     progress.close()
   compiles = jit_step._cache_size()  # noqa: SLF001 - the documented way to count jit cache entries.
-  writer.write(step, "summary", {"compiles": compiles, "buckets": len(seen_lengths),
+  writer.write(step, "summary", {"compiles": compiles, "buckets": len({s[0] for s in seen_shapes}),
+                                 "shapes": len(seen_shapes),
                                  "skipped_updates": int(fetch(state.skipped))})
   ckpt.close()
   return state
@@ -286,9 +287,10 @@ def train_sft(config, workdir: str) -> TrainState:
   record_run(workdir, config, model_cfg, {"model": source})
   d = config.data
   it = batching.BatchIterator(train, batch_size=config.train.batch_size, seq_len=config.train.seq_len,
-                              seed=config.seed, pack=d.pack, buckets=tuple(d.buckets))
+                              seed=config.seed, pack=d.pack, buckets=tuple(d.buckets), window_parts=d.loss_window)
   ev = batching.eval_batches(evals, batch_size=config.eval.batch_size, seq_len=config.train.seq_len,
-                             buckets=tuple(d.buckets), max_batches=config.eval.max_batches)
+                             buckets=tuple(d.buckets), max_batches=config.eval.max_batches,
+                             window_parts=d.loss_window)
   stage = Stage(
       "sft",
       functools.partial(sft_steps.sft_step, model_cfg=model_cfg, tx=tx, schedule=sched,

@@ -48,12 +48,13 @@ def unpaired_examples(config, tok):
   return train, evals, reports
 
 
-def _iterators(config, train, evals):
+def _iterators(config, train, evals, window_parts: int = 0):
+  """Pair batches; `window_parts` (DPO/KTO, which read targets) cuts targets/weights to the loss window."""
   buckets = tuple(config.data.buckets)
   it = batching.PairIterator(train, batch_size=config.train.batch_size, seq_len=config.train.seq_len,
-                             seed=config.seed, buckets=buckets)
+                             seed=config.seed, buckets=buckets, window_parts=window_parts)
   ev = batching.eval_pair_batches(evals, batch_size=config.eval.batch_size, seq_len=config.train.seq_len,
-                                  buckets=buckets, max_batches=config.eval.max_batches)
+                                  buckets=buckets, max_batches=config.eval.max_batches, window_parts=window_parts)
   return it, ev
 
 
@@ -142,7 +143,7 @@ def train_dpo(config, workdir: str):
   state = jax.jit(functools.partial(create, tx=tx, seed=config.seed))(params)
   state = state._replace(frozen=frozen)
   record_run(workdir, config, model_cfg, sources)
-  it, ev = _iterators(config, train, evals)
+  it, ev = _iterators(config, train, evals, config.data.loss_window)
   step, evfn = (dpo_steps.kto_step, dpo_steps.kto_eval) if kto else (dpo_steps.dpo_step, dpo_steps.dpo_eval)
   stage = Stage(
       "dpo",

@@ -20,11 +20,13 @@ REFERENCE_FREE = ("simpo", "orpo")
 
 
 def response_logps(model_cfg, params, batch, use_lora: bool = True):
-  """(sum of response-token log-probs [B, 2], response token counts [B, 2])."""
+  """(sum of response-token log-probs [B, 2], response token counts [B, 2]). Targets and weights may cover
+  only the last W of the T columns (`data.loss_window`): logits are computed there only."""
   b, _, t = batch["tokens"].shape
-  flat = lambda k: batch[k].reshape(2 * b, t)  # noqa: E731
+  w = batch["targets"].shape[-1]
+  flat = lambda k: batch[k].reshape(2 * b, batch[k].shape[-1])  # noqa: E731
   logits, _ = transformer.forward(model_cfg, params, flat("tokens"), flat("positions"), flat("segment_ids"),
-                                  use_lora=use_lora)
+                                  use_lora=use_lora, logits_at=None if w == t else slice(t - w, t))
   lp_BT = token_logprobs(logits, flat("targets")) * flat("weights")
   return lp_BT.sum(-1).reshape(b, 2), flat("weights").sum(-1).reshape(b, 2)
 

@@ -33,11 +33,11 @@ class GroupRollout(NamedTuple):
 def group_rollout(state: TrainState, prompts, prompt_mask, rng, *, cfg, rcfg, gcfg, stop_ids, pad_id):
   """Sample G completions per prompt and compute old/reference log-probs and reward-model scores."""
   g = gcfg.group_size
-  prompts, prompt_mask = jnp.repeat(prompts, g, axis=0), jnp.repeat(prompt_mask, g, axis=0)
-  p = prompts.shape[1]
   s = sampling.generate(cfg, state.params["model"], prompts, prompt_mask, rng, max_new_tokens=rcfg.max_new_tokens,
                         temperature=rcfg.temperature, top_k=rcfg.top_k, top_p=rcfg.top_p, stop_ids=stop_ids,
-                        pad_id=pad_id)
+                        pad_id=pad_id, num_samples=g)  # One prefill per prompt, G samples from its cache.
+  prompts, prompt_mask = jnp.repeat(prompts, g, axis=0), jnp.repeat(prompt_mask, g, axis=0)
+  p = prompts.shape[1]
   tokens, pos, seg = sampling.sequences(prompts, prompt_mask, s)
   frozen = state.frozen or {}
   if on_policy(gcfg):  # The update's own forward gives these exactly (at the same params); skip a pass.

@@ -3,7 +3,8 @@
     step = functools.partial(sft_step, model_cfg=cfg, tx=tx)
     state, metrics = jax.jit(step, donate_argnums=0)(state, batch)
 
-`batch` holds tokens, positions, segment_ids, targets, weights, all [B, T] (see jaxalign.data.batching).
+`batch` holds tokens, positions, segment_ids [B, T] and targets, weights [B, W] for the last W <= T
+positions (see jaxalign.data.batching): logits are computed only there.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from jaxalign.steps.state import TrainState, accumulate, apply_update
 
 def sft_loss(params, batch, *, model_cfg):
   """(sum of token NLL, (trained-token count, {})): the caller divides once over all microbatches."""
-  logits_BTV, _ = transformer.forward(model_cfg, params["model"], batch["tokens"], batch["positions"],
-                                      batch["segment_ids"])
-  w_BT = batch["weights"].astype(jnp.float32)
-  nll = -jnp.sum(token_logprobs(logits_BTV, batch["targets"]) * w_BT)
-  return nll, (jnp.sum(w_BT), {})
+  t, w = batch["tokens"].shape[1], batch["targets"].shape[1]
+  logits_BWV, _ = transformer.forward(model_cfg, params["model"], batch["tokens"], batch["positions"],
+                                      batch["segment_ids"], logits_at=None if w == t else slice(t - w, t))
+  w_BW = batch["weights"].astype(jnp.float32)
+  nll = -jnp.sum(token_logprobs(logits_BWV, batch["targets"]) * w_BW)
+  return nll, (jnp.sum(w_BW), {})
 
 
 def sft_step(state: TrainState, batch: dict, *, model_cfg, tx, schedule=None, grad_accum: int = 1,

@@ -94,4 +94,5 @@ def test_padded_buckets_compile_once_per_bucket(tiny, tmp_path):
                     wd)
   summary = _rows(wd, "summary")[0]
   assert 1 < summary["buckets"] <= 3
-  assert summary["compiles"] == summary["buckets"]
+  assert summary["buckets"] <= summary["shapes"] <= 4 * summary["buckets"]  # Loss windows: <= 4 per bucket.
+  assert summary["compiles"] == summary["shapes"]

@@ -49,6 +49,46 @@ def test_packed_loss_equals_padded(jit):
   np.testing.assert_allclose(float(a / na), float(b / nb), rtol=0, atol=1e-5)
 
 
+def _prompted(n=16, seed=0, length=32):
+  """Examples whose first trained target lies at column >= 9 (prompts of 10-20 tokens)."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    p, c = int(rng.integers(10, 20)), int(rng.integers(2, 10))
+    trained = np.r_[np.zeros(p, bool), np.ones(c, bool)]
+    out.append(Example(rng.integers(1, 256, p + c).astype(np.int32), trained))
+  return out
+
+
+def test_loss_window_batches_keep_every_target_and_give_the_same_loss_and_gradient():
+  exs = _prompted()
+  full = batching.BatchIterator(exs, batch_size=4, seq_len=32, seed=0, pack=False)
+  cut = batching.BatchIterator(exs, batch_size=4, seq_len=32, seed=0, pack=False, window_parts=4)
+  grad = jax.jit(jax.grad(lambda p, b: sft.sft_loss(p, b, model_cfg=CFG)[0]))
+  loss = jax.jit(lambda p, b: sft.sft_loss(p, b, model_cfg=CFG))
+  params, widths = _params(), set()
+  for _ in range(cut.batches_per_epoch()):
+    a, b = next(full), next(cut)
+    w = b["targets"].shape[1]
+    widths.add(w)
+    assert w % 8 == 0 and b["tokens"].shape == a["tokens"].shape == (4, 32)
+    np.testing.assert_array_equal(b["weights"], a["weights"][:, 32 - w:])
+    np.testing.assert_array_equal(b["targets"], a["targets"][:, 32 - w:])
+    assert b["weights"].sum() == a["weights"].sum() > 0  # Nothing trained was cut.
+    (la, (na, _)), (lb, (nb, _)) = loss(params, a), loss(params, b)
+    assert float(na) == float(nb)
+    np.testing.assert_allclose(float(lb), float(la), rtol=1e-5)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), grad(params, a),
+                 grad(params, b))
+  assert min(widths) < 32  # The prompts were cut for real.
+  assert batching.loss_window(9, 32, 4) == 24 and batching.loss_window(32, 32, 4) == 8
+  assert batching.loss_window(3, 32, 4) == 32 and batching.loss_window(9, 32, 0) == 32
+  ev = batching.eval_batches(exs, batch_size=4, seq_len=32, window_parts=4)
+  assert all(b["weights"].sum() > 0 and b["targets"].shape[1] < 32 for b in ev)
+  with pytest.raises(AssertionError, match="drop trained targets"):
+    batching.cut_window(a, 8)
+
+
 def test_weights_only_on_trained_targets():
   exs = _examples(4)
   rows = batching.pack_rows([len(e) for e in exs], range(4), 64)
