@@ -497,7 +497,6 @@ def jaxalign_ppo(steps=5):
   import jax
   import jax.numpy as jnp
   from jaxalign.config import base
-  from jaxalign.data import batching
   from jaxalign.models import heads, transformer
   from jaxalign.optim import make_optimizer
   from jaxalign.steps import ppo as ppo_steps
