@@ -43,11 +43,11 @@ def group_rollout(state: TrainState, prompts, prompt_mask, rng, *, cfg, rcfg, gc
   if on_policy(gcfg):  # The update's own forward gives these exactly (at the same params); skip a pass.
     old_logp = jnp.zeros_like(s.mask)
   else:
-    old_logp = response_logprobs(cfg, state.params["model"], tokens, pos, seg, p, rcfg.temperature) * s.mask
+    old_logp = response_logprobs(cfg, state.params["model"], tokens, pos, seg, p, rcfg.temperature, group=g) * s.mask
   # Each model's pass waits for the previous one (sharding.after: one collective order on every device).
   if "reference" in frozen:
     ref_logp = response_logprobs(cfg, frozen["reference"], *sharding.after((tokens, pos, seg), old_logp), p,
-                                 rcfg.temperature) * s.mask
+                                 rcfg.temperature, group=g) * s.mask
   else:
     ref_logp = None
   scores = score_sequences(cfg, frozen["reward"], *sharding.after((tokens, pos, seg), ref_logp)) if (
@@ -60,9 +60,9 @@ def on_policy(gcfg) -> bool:
   return gcfg.epochs == 1 and gcfg.minibatches == 1
 
 
-def _loss(params, mb, *, cfg, gcfg, temperature, prompt_len, max_len, global_tokens):
+def _loss(params, mb, *, cfg, gcfg, temperature, prompt_len, max_len, global_tokens, group):
   lp = response_logprobs(cfg, params["model"], mb["tokens"], mb["positions"], mb["segment_ids"], prompt_len,
-                         temperature)
+                         temperature, group=group)
   mask = mb["mask"]
   if on_policy(gcfg):
     mb = {**mb, "old_logp": jax.lax.stop_gradient(lp)}
@@ -96,16 +96,22 @@ def grpo_update(state: TrainState, rollout: GroupRollout, rewards, rng, *, cfg, 
   data = {"tokens": rollout.tokens, "positions": rollout.positions, "segment_ids": rollout.segment_ids,
           "mask": rollout.mask, "old_logp": rollout.old_logp, "ref_logp": rollout.ref_logp, "advantages": adv}
   global_tokens = rollout.mask.sum() / m
+  g = gcfg.group_size
+  # Minibatches of whole groups (rows stay in group order), so each prompt runs once per group.
+  group = g if g > 1 and (n_rows // g) % m == 0 else 1
 
   def mb_step(st, mb):
     (_, aux), grads = jax.value_and_grad(_loss, has_aux=True)(
         st.params, mb, cfg=cfg, gcfg=gcfg, temperature=temperature, prompt_len=p, max_len=max_len,
-        global_tokens=global_tokens)
+        global_tokens=global_tokens, group=group)
     st, met = apply_update(st, grads, {"loss": aux["policy_loss"], **aux}, tx, schedule)
     return st, met
 
   def epoch(st, key):
-    perm = jax.random.permutation(key, n_rows)
+    if group > 1:
+      perm = (jax.random.permutation(key, n_rows // group)[:, None] * group + jnp.arange(group)).reshape(-1)
+    else:
+      perm = jax.random.permutation(key, n_rows)
     mbs = jax.tree.map(lambda x: x[perm].reshape((m, n_rows // m) + x.shape[1:]), data)
     return jax.lax.scan(mb_step, st, mbs)
 

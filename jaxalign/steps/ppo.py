@@ -40,13 +40,38 @@ class Rollout(NamedTuple):
 
 
 def response_logprobs(cfg, params, tokens, positions, segment_ids, prompt_len: int, temperature: float,
-                      with_entropy: bool = False):
-  """Log-probs [B, N] (and entropy) of the response tokens under logits / temperature."""
-  logits, _ = transformer.forward(cfg, params, tokens, positions, segment_ids,
-                                  logits_at=slice(prompt_len - 1, tokens.shape[1] - 1))
+                      with_entropy: bool = False, group: int = 1):
+  """Log-probs [B, N] (and entropy) of the response tokens under logits / temperature.
+
+  `group` > 1: rows come in groups of that many responses to one prompt (GRPO's layout, rows i * group + j),
+  and the prompt is run once per group (`shared_prefix_logits`)."""
+  if group > 1:
+    logits = shared_prefix_logits(cfg, params, tokens, positions, segment_ids, prompt_len, group)
+  else:
+    logits, _ = transformer.forward(cfg, params, tokens, positions, segment_ids,
+                                    logits_at=slice(prompt_len - 1, tokens.shape[1] - 1))
   logits = logits / temperature
   lp = token_logprobs(logits, tokens[:, prompt_len:])
   return (lp, token_entropy(logits)) if with_entropy else lp
+
+
+def shared_prefix_logits(cfg, params, tokens, positions, segment_ids, prompt_len: int, group: int):
+  """Logits [B, N, V] predicting the response tokens, where each run of `group` rows shares its prompt.
+
+  The prompt goes through the model once per group, into a KV cache; the cache is repeated `group` times and
+  the responses attend to it. Exact (the same logits as a full forward of every row); the gradient reaches
+  the prompt's keys and values summed over its group. It saves (group - 1) / group of the prompt's compute
+  in the reference, old-policy and training passes."""
+  bg, t = tokens.shape
+  b, p = bg // group, prompt_len
+  first = lambda x: x[:, :p].reshape(b, group, p)[:, 0]  # noqa: E731 - the group's prompt (identical rows).
+  model = transformer.bind(cfg, params)
+  cache = transformer.init_cache(cfg, b, t - 1)
+  last, cache = model(first(tokens), first(positions), first(segment_ids), cache, logits_at=slice(-1, None))
+  rep = lambda x: jnp.repeat(x, group, axis=0)  # noqa: E731
+  cache = jax.tree.map(lambda x: x if x.ndim == 0 else rep(x), cache)
+  resp, _ = model(tokens[:, p:t - 1], positions[:, p:t - 1], segment_ids[:, p:t - 1], cache)
+  return jnp.concatenate([rep(last), resp], axis=1)
 
 
 def response_values(cfg, params, tokens, positions, segment_ids, prompt_len: int):
