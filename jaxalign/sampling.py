@@ -46,6 +46,17 @@ def process_logits(logits_BV, temperature: float, top_k: int, top_p: float):
   return logits
 
 
+def sample_categorical(rng, logits_BV) -> jax.Array:
+  """One draw per row from softmax(logits), by inverting the CDF with one uniform per row.
+
+  Why not `jax.random.categorical`: its Gumbel trick draws a random number per vocabulary entry, which at decode
+  shapes costs more than the matmuls on CPU (32 x 2048: 1.57 ms vs 0.56 ms). Masked (-inf) entries have zero
+  probability and are never drawn: u lies in (0, total], and a token is picked where the CDF first reaches u."""
+  cdf_BV = jnp.cumsum(jax.nn.softmax(logits_BV.astype(jnp.float32), axis=-1), axis=-1)
+  u_B1 = (1.0 - jax.random.uniform(rng, (logits_BV.shape[0], 1))) * cdf_BV[:, -1:]
+  return jnp.minimum(jnp.sum(cdf_BV < u_B1, axis=-1), logits_BV.shape[-1] - 1).astype(jnp.int32)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_k", "top_p", "greedy",
                                              "stop_ids", "pad_id", "num_samples"))
 def generate(cfg: ModelConfig, params, prompt_tokens, prompt_mask, rng, *, max_new_tokens: int,
@@ -84,7 +95,7 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_mask, rng, *, max_n
     if greedy:
       tok = jnp.argmax(last, axis=-1).astype(jnp.int32)
     else:
-      tok = jax.random.categorical(sub, process_logits(last, temperature, top_k, top_p), axis=-1).astype(jnp.int32)
+      tok = sample_categorical(sub, process_logits(last, temperature, top_k, top_p))
     lp_all = jax.nn.log_softmax(last.astype(jnp.float32) / (1.0 if greedy else temperature), axis=-1)
     lp = jnp.take_along_axis(lp_all, tok[:, None], axis=-1)[:, 0]
     live = ~done

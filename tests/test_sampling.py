@@ -87,3 +87,12 @@ def test_num_samples_shares_one_prefill_and_samples_as_repeated_prompts():
   np.testing.assert_array_equal(np.asarray(shared.mask), np.asarray(rep.mask))
   # The G samples of one prompt are different draws, not copies.
   assert len({tuple(np.asarray(shared.tokens[j])) for j in range(4)}) > 1
+
+
+def test_sample_categorical_matches_the_distribution_and_never_draws_masked_tokens():
+  logits = jnp.log(jnp.asarray([[0.1, 0.2, 0.3, 0.4, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0]]))
+  draw = jax.jit(jax.vmap(lambda k: sampling.sample_categorical(k, logits)))
+  s = np.asarray(draw(jax.random.split(jax.random.key(0), 40000)))
+  freq = np.bincount(s[:, 0], minlength=5) / len(s)
+  np.testing.assert_allclose(freq, [0.1, 0.2, 0.3, 0.4, 0.0], atol=0.01)
+  assert freq[4] == 0 and (s[:, 1] == 2).all()
