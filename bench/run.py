@@ -5,6 +5,9 @@
 
 Each contender runs in its own subprocess (separate thread pools), one after another; the parent prints a
 table with medians, min/max and ratios measured in this same run, and writes bench/results.json.
+With --rounds=N (default 2 for the peer groups) each group's contenders run N times in turn (A B C A B C) and
+every figure pools its timed steps over the rounds: a shared VM's load drifts over minutes, and alternating
+spreads the drift over all contenders instead of favouring whichever ran in a quiet spell.
 """
 
 from __future__ import annotations
@@ -51,6 +54,20 @@ def _spawn(name, fn, kwargs):
   res = json.loads(out.stdout.strip().splitlines()[-1])
   print(f"  {name}: {json.dumps(res)} ({time.time() - t:.0f}s)", flush=True)
   return res
+
+
+ROUNDS = {"peak": 1, "scaling": 1}  # Groups not listed run --rounds times.
+
+
+def _pool(runs: list) -> dict | None:
+  """One figure from several rounds: statistics over all their timed steps; compile time of the first."""
+  import numpy as np
+  runs = [r for r in runs if r]
+  if not runs or "times" not in runs[0]:
+    return runs[0] if runs else None
+  t = np.concatenate([r["times"] for r in runs])
+  return {**runs[0], "median_s": float(np.median(t)), "min_s": float(t.min()), "max_s": float(t.max()),
+          "n": int(t.size), "rounds": len(runs), "round_medians": [r["median_s"] for r in runs]}
 
 
 def report(r: dict) -> list[str]:
@@ -119,6 +136,7 @@ def main():
   ap.add_argument("--one", default=None)
   ap.add_argument("--kwargs", default="{}")
   ap.add_argument("--out", default=os.path.join(HERE, "results.json"))
+  ap.add_argument("--rounds", type=int, default=2)
   a = ap.parse_args()
   if a.one:
     print(json.dumps(_one(a.one, json.loads(a.kwargs))))
@@ -126,11 +144,14 @@ def main():
   results = {}
   for group in a.only.split(","):
     print(f"[{group}]", flush=True)
-    for name, fn, kw in JOBS[group]:
-      results[name] = _spawn(name, fn, kw)
+    runs = {name: [] for name, _, _ in JOBS[group]}
+    for _ in range(ROUNDS.get(group, a.rounds)):
+      for name, fn, kw in JOBS[group]:
+        runs[name].append(_spawn(name, fn, kw))
+    results.update({name: _pool(rs) for name, rs in runs.items()})
   import platform
   meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M"),
-          "command": "python3 bench/run.py --only=" + a.only}
+          "command": f"python3 bench/run.py --only={a.only} --rounds={a.rounds}"}
   with open(a.out, "w") as f:
     json.dump({"meta": meta, "results": results}, f, indent=2)
   print("\n".join(report(results)))

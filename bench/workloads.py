@@ -18,7 +18,7 @@ PROMPT, NEW = 128, 128
 def _stats(times, compile_s=None, **extra):
   t = np.asarray(times)
   return {"median_s": float(np.median(t)), "min_s": float(t.min()), "max_s": float(t.max()),
-          "n": len(times), "compile_s": compile_s, **extra}
+          "n": len(times), "compile_s": compile_s, "times": [float(x) for x in t], **extra}
 
 
 def _timed(step, carry, steps: int):
