@@ -78,9 +78,8 @@ def generate(cfg: ModelConfig, params, prompt_tokens, prompt_mask, rng, *, max_n
   logits, cache = model(prompt_tokens, pos, seg, cache, layers=layers, logits_at=slice(-1, None))
   last = logits[:, 0]
   if num_samples > 1:
-    rep = lambda x: jnp.repeat(x, num_samples, axis=0)  # noqa: E731
-    cache = jax.tree.map(lambda x: x if x.ndim == 0 else rep(x), cache)
-    last, pos = rep(last), rep(pos)
+    cache = transformer.repeat_cache(cache, num_samples)
+    last, pos = jnp.repeat(last, num_samples, axis=0), jnp.repeat(pos, num_samples, axis=0)
     b *= num_samples
   next_pos = pos[:, -1] + 1
   stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)

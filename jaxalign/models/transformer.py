@@ -45,6 +45,11 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache
                  jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32))
 
 
+def repeat_cache(cache: KVCache, n: int) -> KVCache:
+  """Each row's cache n times (rows i * n + j, as `jnp.repeat`): n continuations of one prefilled prompt."""
+  return jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, n, axis=0), cache)
+
+
 def _param(rngs, shape, axes, dtype, init="normal"):
   if init == "normal":
     value = 0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)

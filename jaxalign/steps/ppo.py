@@ -68,10 +68,9 @@ def shared_prefix_logits(cfg, params, tokens, positions, segment_ids, prompt_len
   model = transformer.bind(cfg, params)
   cache = transformer.init_cache(cfg, b, t - 1)
   last, cache = model(first(tokens), first(positions), first(segment_ids), cache, logits_at=slice(-1, None))
-  rep = lambda x: jnp.repeat(x, group, axis=0)  # noqa: E731
-  cache = jax.tree.map(lambda x: x if x.ndim == 0 else rep(x), cache)
-  resp, _ = model(tokens[:, p:t - 1], positions[:, p:t - 1], segment_ids[:, p:t - 1], cache)
-  return jnp.concatenate([rep(last), resp], axis=1)
+  resp, _ = model(tokens[:, p:t - 1], positions[:, p:t - 1], segment_ids[:, p:t - 1],
+                  transformer.repeat_cache(cache, group))
+  return jnp.concatenate([jnp.repeat(last, group, axis=0), resp], axis=1)
 
 
 def response_values(cfg, params, tokens, positions, segment_ids, prompt_len: int):
