@@ -118,24 +118,27 @@ def _grouped_bwd(scale, res, do_BTKGH):
 _grouped_attention.defvjp(_grouped_fwd, _grouped_bwd)
 
 
-def fused_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, *, scale: float, kv_heads_first: bool = False):
+def fused_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, *, scale: float, cache_layout: bool = False):
   """Same result as dense_attention (no soft-capping), with a hand-written backward.
 
   Layout: the G query heads sharing a KV head are folded into the query axis ([B, K, G*T, H]), so grouped
   attention is a plain batched matmul per (batch, KV head) in both directions (measured on the bench
   shape: one layer's fwd+bwd ~64 -> ~30 ms against the [B, T, K, G, H] einsums). For T x S above
   FOLD_MAX_SCORES the [B, T, K, G, H] layout is kept: on XLA:CPU it measured faster there (SFT step at
-  T=2048: 1.6 s vs 2.3 s). Both have the same values and gradients (tested). `kv_heads_first`: keys and
-  values come as [B, K, S, H] (the KV cache's layout), so decode folds without copying the cache.
+  T=2048: 1.6 s vs 2.3 s). Both have the same values and gradients (tested). `cache_layout`: keys come as
+  [B, K, H, S] and values as [B, K, S, H] (the KV cache's layouts, see transformer.KVCache): one decode
+  query reads them as they are; a longer query (prefill) transposes the keys once.
   """
   b, t, n, h = q_BTNH.shape
-  kh, s_len = (k_BSKH.shape[1], k_BSKH.shape[2]) if kv_heads_first else (k_BSKH.shape[2], k_BSKH.shape[1])
-  g = n // kh
   bias_BTS = jnp.where(mask_BTS, 0.0, _NEG).astype(jnp.float32)
-  if t == 1 and kv_heads_first:
-    return _decode_attention(q_BTNH, k_BSKH, v_BSKH, bias_BTS, scale)
+  if cache_layout:
+    if t == 1:
+      return _decode_attention(q_BTNH, k_BSKH, v_BSKH, bias_BTS, scale)
+    k_BSKH = k_BSKH.transpose(0, 1, 3, 2)  # [B, K, S, H], as the values.
+  kh, s_len = (k_BSKH.shape[1], k_BSKH.shape[2]) if cache_layout else (k_BSKH.shape[2], k_BSKH.shape[1])
+  g = n // kh
   fold = t * s_len <= FOLD_MAX_SCORES
-  if fold != kv_heads_first:  # The folded kernel wants [B, K, S, H], the grouped one [B, S, K, H].
+  if fold != cache_layout:  # The folded kernel wants [B, K, S, H], the grouped one [B, S, K, H].
     k_BSKH, v_BSKH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
   if not fold:
     o = _grouped_attention(q_BTNH.reshape(b, t, kh, g, h), k_BSKH, v_BSKH, bias_BTS, scale)
@@ -145,16 +148,18 @@ def fused_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, *, scale: float, kv_heads_
   return o.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
-def _decode_attention(q_B1NH, k_BKSH, v_BKSH, bias_B1S, scale):
-  """One query per row against the [B, K, S, H] cache, as multiply-reduce instead of matmuls.
+def _decode_attention(q_B1NH, k_BKHS, v_BKSH, bias_B1S, scale):
+  """One query per row against the cache, as multiply-reduce instead of matmuls, keys stored [B, K, H, S].
 
   Why: as dots, a decode step's scores are B x K GEMMs of [G, H] x [H, S] (G = 2 query heads here), which
-  XLA:CPU runs as one YNNPACK fusion of tiny GEMMs: ~0.65 ms per layer per step in the sampler's loop on the
-  bench shape. Exact same math; autodiff gives the backward."""
+  XLA:CPU runs as one YNNPACK fusion of tiny GEMMs (~0.65 ms per layer per step on the bench shape). With
+  the keys' slots minor, the scores are a sum over H of [S]-long vector products (no horizontal reduction
+  per slot); the values' head dim is minor for the same reason. Exact same math; autodiff gives the
+  backward."""
   b, _, n, h = q_B1NH.shape
-  kh = k_BKSH.shape[1]
+  kh = k_BKHS.shape[1]
   q_BKGH = q_B1NH.reshape(b, kh, n // kh, h).astype(jnp.float32)
-  s_BKGS = jnp.sum(q_BKGH[:, :, :, None, :] * k_BKSH[:, :, None, :, :].astype(jnp.float32), axis=-1) * scale
+  s_BKGS = jnp.sum(q_BKGH[..., None] * k_BKHS[:, :, None].astype(jnp.float32), axis=-2) * scale
   p_BKGS = jax.nn.softmax(s_BKGS + bias_B1S[:, None], axis=-1)
   o_BKGH = jnp.sum(p_BKGS[..., None] * v_BKSH[:, :, None, :, :].astype(jnp.float32), axis=-2)
   return o_BKGH.reshape(b, 1, n, h).astype(q_B1NH.dtype)

@@ -27,10 +27,13 @@ from jaxalign.models.config import ModelConfig
 class KVCache(NamedTuple):
   """Preallocated decode cache; `index` is the next slot to write (shared by all rows).
 
-  One array per layer, [batch, kv heads, slots, head dim]: an unrolled decode step updates each in place and
-  attention reads it as is (a stacked [L, ...] array costs a copy of the layer's slice per token)."""
+  One array per layer: an unrolled decode step updates each in place and attention reads it as is (a stacked
+  [L, ...] array costs a copy of the layer's slice per token). Keys are [batch, kv heads, head dim, slots]
+  and values [batch, kv heads, slots, head dim]: a decode query's scores then sum over the head dim of
+  slot-contiguous rows, and its output over the slots of head-contiguous rows (attention._decode_attention:
+  measured faster than either layout for both)."""
 
-  k_BKSH: tuple[jax.Array, ...]
+  k_BKHS: tuple[jax.Array, ...]
   v_BKSH: tuple[jax.Array, ...]
   seg_BS: jax.Array  # 0 = empty or padding.
   pos_BS: jax.Array
@@ -39,9 +42,9 @@ class KVCache(NamedTuple):
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
   dtype = jnp.dtype(dtype or cfg.dtype)
-  shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
-  zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))  # noqa: E731
-  return KVCache(zeros(), zeros(), jnp.zeros((batch, length), jnp.int32),
+  zeros = lambda *shape: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))  # noqa: E731
+  b, k, h = batch, cfg.num_kv_heads, cfg.head_dim
+  return KVCache(zeros(b, k, h, length), zeros(b, k, length, h), jnp.zeros((batch, length), jnp.int32),
                  jnp.zeros((batch, length), jnp.int32), jnp.zeros((), jnp.int32))
 
 
@@ -161,7 +164,7 @@ class Transformer(nnx.Module):
       body = jax.checkpoint(body, policy=policy, prevent_cse=not cfg.scan_layers)
 
     if cfg.scan_layers:
-      kv_in = (jnp.stack(cache.k_BKSH), jnp.stack(cache.v_BKSH)) if cache is not None else None
+      kv_in = (jnp.stack(cache.k_BKHS), jnp.stack(cache.v_BKSH)) if cache is not None else None
       x_BTD, kv_out = jax.lax.scan(body, x_BTD, (layer_params, windows_L, kv_in))
       if cache is not None:
         kv_out = tuple(tuple(x[i] for i in range(cfg.num_layers)) for x in kv_out)
@@ -169,7 +172,7 @@ class Transformer(nnx.Module):
       ks, vs = [], []
       for i in range(cfg.num_layers):
         p_i = layers[i] if layers is not None else _layer(layer_params, i)
-        kv = None if cache is None else (cache.k_BKSH[i], cache.v_BKSH[i])
+        kv = None if cache is None else (cache.k_BKHS[i], cache.v_BKSH[i])
         x_BTD, kv = body(x_BTD, (p_i, windows_L[i], kv))
         if cache is not None:
           ks.append(kv[0])
@@ -269,8 +272,9 @@ def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_ar
   k_BTKH = apply_rope(k_BTKH, sin_BTH, cos_BTH)
   if cache is not None:
     k_all, v_all = kv
-    new_k, new_v = (x.transpose(0, 2, 1, 3).astype(k_all.dtype) for x in (k_BTKH, v_BTKH))
-    k_all = jax.lax.dynamic_update_slice(k_all, new_k, (0, 0, cache.index, 0))
+    new_k = k_BTKH.transpose(0, 2, 3, 1).astype(k_all.dtype)
+    new_v = v_BTKH.transpose(0, 2, 1, 3).astype(v_all.dtype)
+    k_all = jax.lax.dynamic_update_slice(k_all, new_k, (0, 0, 0, cache.index))
     v_all = jax.lax.dynamic_update_slice(v_all, new_v, (0, 0, cache.index, 0))
     kv = (k_all, v_all)
     k_use, v_use = k_all.astype(dt), v_all.astype(dt)
@@ -279,7 +283,7 @@ def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_ar
   mask_BTS = make_mask(*mask_args, window)
   scale = (cfg.query_scale or cfg.head_dim) ** -0.5
   o_BTNH = attend(cfg, q_BTNH, k_use, v_use, mask_BTS, scale, causal=cache is None,
-                  kv_heads_first=cache is not None)
+                  cache_layout=cache is not None)
   o_BTD = proj("btnh,nhd->btd", o_BTNH, "wo")
   if cfg.post_norms:
     o_BTD = rms_norm(o_BTD, p["post_attn_norm"], cfg)
@@ -292,17 +296,18 @@ def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_ar
   return x_BTD + m_BTD, kv
 
 
-def attend(cfg: ModelConfig, q_BTNH, k, v, mask_BTS, scale, causal: bool = False, kv_heads_first: bool = False):
+def attend(cfg: ModelConfig, q_BTNH, k, v, mask_BTS, scale, causal: bool = False, cache_layout: bool = False):
   """Dispatch to the configured attention kernel ('auto': the fused backward unless soft-capping).
 
-  Keys/values are [B, S, K, H], or [B, K, S, H] with `kv_heads_first` (the KV cache's layout).
+  Keys/values are [B, S, K, H], or the KV cache's layouts with `cache_layout` (keys [B, K, H, S], values
+  [B, K, S, H]).
   `causal`: queries and keys are the same slots 0..T-1 (no KV cache), so key blocks after a query block
   are skipped (attention.blockwise_causal) unless `cfg.causal_blocks` is off."""
   if cfg.attention in ("auto", "fused") and not cfg.attn_softcap:
-    kernel = lambda q, k, v, m: fused_attention(q, k, v, m, scale=scale, kv_heads_first=kv_heads_first)  # noqa: E731
+    kernel = lambda q, k, v, m: fused_attention(q, k, v, m, scale=scale, cache_layout=cache_layout)  # noqa: E731
   else:
-    if kv_heads_first:
-      k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    if cache_layout:
+      k, v = k.transpose(0, 3, 1, 2), v.transpose(0, 2, 1, 3)
     kernel = lambda q, k, v, m: dense_attention(q, k, v, m, scale=scale, softcap=cfg.attn_softcap)  # noqa: E731
   if causal and cfg.causal_blocks:
     return blockwise_causal(kernel, q_BTNH, k, v, mask_BTS)

@@ -201,18 +201,20 @@ def test_blockwise_causal_attention_is_exact(t, block_min, monkeypatch):
       np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_decode_attention_matches_dense():
-  """One query against a [B, K, S, H] cache with empty and other-segment slots (the sampler's decode step)."""
+@pytest.mark.parametrize("t", [1, 3])  # One decode query; a prefill-like block of queries.
+def test_cache_layout_attention_matches_dense(t):
+  """Queries against a cache (keys [B, K, H, S], values [B, K, S, H]) with empty and other-segment slots."""
   from jaxalign.models.attention import dense_attention, fused_attention, make_mask
   k = jax.random.split(jax.random.key(1), 3)
-  q = jax.random.normal(k[0], (2, 1, 4, 8))
-  kk, v = jax.random.normal(k[1], (2, 2, 12, 8)), jax.random.normal(k[2], (2, 2, 12, 8))
-  k_seg = jnp.array([[0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0], [1] * 9 + [0] * 3])
+  q = jax.random.normal(k[0], (2, t, 4, 8))
+  kk, v = jax.random.normal(k[1], (2, 12, 2, 8)), jax.random.normal(k[2], (2, 12, 2, 8))
+  k_seg = jnp.array([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0], [1] * 11 + [0]])
   k_pos = jnp.maximum(jnp.cumsum(k_seg, -1) - 1, 0)
-  m = make_mask(jnp.ones((2, 1), jnp.int32), jnp.array([8]), k_pos[:, 8:9], k_seg, jnp.arange(12), k_pos, 0)
-  dense = dense_attention(q, kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), m, scale=0.3, softcap=None)
-  np.testing.assert_allclose(fused_attention(q, kk, v, m, scale=0.3, kv_heads_first=True), dense, rtol=1e-5,
-                             atol=1e-6)
+  slots = 8 + jnp.arange(t)
+  m = make_mask(jnp.ones((2, t), jnp.int32), slots, k_pos[:, slots], k_seg, jnp.arange(12), k_pos, 0)
+  dense = dense_attention(q, kk, v, m, scale=0.3, softcap=None)
+  got = fused_attention(q, kk.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), m, scale=0.3, cache_layout=True)
+  np.testing.assert_allclose(got, dense, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("fold_max", [256 * 256, 0])  # Both layouts: groups folded into queries, and not.
