@@ -233,3 +233,14 @@ def test_fused_attention_matches_dense_values_and_gradients(fold_max, monkeypatc
   np.testing.assert_allclose(f1(q, kk, v), f2(q, kk, v), rtol=1e-6)
   for a, b in zip(jax.grad(f1, (0, 1, 2))(q, kk, v), jax.jit(jax.grad(f2, (0, 1, 2)))(q, kk, v)):
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_rope_tables_are_exactly_sin_and_cos():
+  """The tables pass through an identity matmul (so XLA computes them once): it must not change a bit."""
+  cfg = preset("tiny")
+  pos = jnp.asarray(np.random.default_rng(0).integers(0, 100_000, (3, 37)), jnp.int32)
+  sin, cos = jax.jit(lambda p: T.rope_tables(cfg, p))(pos)
+  ang = pos.astype(jnp.float32)[..., None] * jnp.asarray(T.inv_frequencies(cfg))
+  ang = jnp.concatenate([ang, ang], -1)
+  np.testing.assert_array_equal(sin, jnp.sin(ang))
+  np.testing.assert_array_equal(cos, jnp.cos(ang))
