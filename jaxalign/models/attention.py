@@ -49,11 +49,18 @@ def _fused_attention(q_BKQH, k_BKSH, v_BKSH, bias_BTS, scale):
   return o
 
 
-def _probs(q_BKQH, k_BKSH, bias_BTS, scale):
-  """Softmax probabilities [B, K, G*T, S]; the bias broadcasts over the G query groups of a KV head."""
-  b, kh, q, _ = q_BKQH.shape
+def _scaled(q, scale):
+  """q * scale, applied to the queries rather than to the [.., S] scores: XLA:CPU hands a scalar multiply
+  on the scores to the dot's fusion as a materialised [B, K, Q, S] broadcast of the scale (a score-sized
+  write and read per attention call); on q it is S / H times smaller and fuses into the layout copy."""
+  return q * jnp.asarray(scale, q.dtype)
+
+
+def _probs(qs_BKQH, k_BKSH, bias_BTS):
+  """Softmax probabilities [B, K, G*T, S] from scaled queries; the bias broadcasts over the G query groups."""
+  b, kh, q, _ = qs_BKQH.shape
   t, s_len = bias_BTS.shape[1:]
-  s = jnp.einsum("bkqh,bksh->bkqs", q_BKQH, k_BKSH, preferred_element_type=jnp.float32) * scale
+  s = jnp.einsum("bkqh,bksh->bkqs", qs_BKQH, k_BKSH, preferred_element_type=jnp.float32)
   s = s.reshape(b, kh, q // t, t, s_len) + bias_BTS[:, None, None]
   m = jnp.max(s, axis=-1, keepdims=True)
   e = jnp.exp(s - m)
@@ -61,22 +68,23 @@ def _probs(q_BKQH, k_BKSH, bias_BTS, scale):
 
 
 def _fused_fwd(q_BKQH, k_BKSH, v_BKSH, bias_BTS, scale):
-  p_BKQS = _probs(q_BKQH, k_BKSH, bias_BTS, scale)
+  qs_BKQH = _scaled(q_BKQH, scale)
+  p_BKQS = _probs(qs_BKQH, k_BKSH, bias_BTS)
   o_BKQH = jnp.einsum("bkqs,bksh->bkqh", p_BKQS.astype(v_BKSH.dtype), v_BKSH)
-  return o_BKQH, (q_BKQH, k_BKSH, v_BKSH, bias_BTS, p_BKQS)
+  return o_BKQH, (qs_BKQH, k_BKSH, v_BKSH, bias_BTS, p_BKQS)
 
 
 def _fused_bwd(scale, res, do_BKQH):
   """The attention backward written out (dV = P^T dO; dS = P (dP - rowsum(dO o O)); dQ, dK from dS):
   fewer passes over [B, H, T, S] than autodiff of mask + softmax + einsums. Every dot has one batch pair
   (B, K) and one contracting dim, which XLA:CPU runs as a plain batched matmul."""
-  q, k, v, bias, p = res
+  qs, k, v, bias, p = res  # qs: the scaled queries, so dK = dS^T qs and dQ = scale * dS k (dS unscaled).
   dp = jnp.einsum("bkqh,bksh->bkqs", do_BKQH, v, preferred_element_type=jnp.float32)
   dv = jnp.einsum("bkqs,bkqh->bksh", p.astype(do_BKQH.dtype), do_BKQH)
   delta = jnp.sum(dp * p, axis=-1, keepdims=True)
-  ds = (p * (dp - delta) * scale).astype(q.dtype)
-  dq = jnp.einsum("bkqs,bksh->bkqh", ds, k)
-  dk = jnp.einsum("bkqs,bkqh->bksh", ds, q)
+  ds = (p * (dp - delta)).astype(qs.dtype)
+  dq = _scaled(jnp.einsum("bkqs,bksh->bkqh", ds, k), scale)
+  dk = jnp.einsum("bkqs,bkqh->bksh", ds, qs)
   return dq, dk, dv, jnp.zeros_like(bias)
 
 
@@ -89,8 +97,8 @@ def _grouped_attention(q_BTKGH, k_BSKH, v_BSKH, bias_BTS, scale):
   return o
 
 
-def _grouped_probs(q_BTKGH, k_BSKH, bias_BTS, scale):
-  s = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale
+def _grouped_probs(qs_BTKGH, k_BSKH, bias_BTS):
+  s = jnp.einsum("btkgh,bskh->bkgts", qs_BTKGH, k_BSKH, preferred_element_type=jnp.float32)
   s = s + bias_BTS[:, None, None]
   m = jnp.max(s, axis=-1, keepdims=True)
   e = jnp.exp(s - m)
@@ -98,20 +106,21 @@ def _grouped_probs(q_BTKGH, k_BSKH, bias_BTS, scale):
 
 
 def _grouped_fwd(q_BTKGH, k_BSKH, v_BSKH, bias_BTS, scale):
-  p_BKGTS = _grouped_probs(q_BTKGH, k_BSKH, bias_BTS, scale)
+  qs_BTKGH = _scaled(q_BTKGH, scale)
+  p_BKGTS = _grouped_probs(qs_BTKGH, k_BSKH, bias_BTS)
   o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS.astype(v_BSKH.dtype), v_BSKH)
-  return o_BTKGH, (q_BTKGH, k_BSKH, v_BSKH, bias_BTS, p_BKGTS)
+  return o_BTKGH, (qs_BTKGH, k_BSKH, v_BSKH, bias_BTS, p_BKGTS)
 
 
 def _grouped_bwd(scale, res, do_BTKGH):
   """As _fused_bwd, in the [B, T, K, G, H] layout (faster on XLA:CPU for long sequences; see fused_attention)."""
-  q, k, v, bias, p = res
+  qs, k, v, bias, p = res
   dp_BKGTS = jnp.einsum("btkgh,bskh->bkgts", do_BTKGH, v, preferred_element_type=jnp.float32)
   dv = jnp.einsum("bkgts,btkgh->bskh", p.astype(do_BTKGH.dtype), do_BTKGH)
   delta = jnp.sum(dp_BKGTS * p, axis=-1, keepdims=True)
-  ds = (p * (dp_BKGTS - delta) * scale).astype(q.dtype)
-  dq = jnp.einsum("bkgts,bskh->btkgh", ds, k)
-  dk = jnp.einsum("bkgts,btkgh->bskh", ds, q)
+  ds = (p * (dp_BKGTS - delta)).astype(qs.dtype)
+  dq = _scaled(jnp.einsum("bkgts,bskh->btkgh", ds, k), scale)
+  dk = jnp.einsum("bkgts,btkgh->bskh", ds, qs)
   return dq, dk, dv, jnp.zeros_like(bias)
 
 
@@ -158,8 +167,8 @@ def _decode_attention(q_B1NH, k_BKHS, v_BKSH, bias_B1S, scale):
   backward."""
   b, _, n, h = q_B1NH.shape
   kh = k_BKHS.shape[1]
-  q_BKGH = q_B1NH.reshape(b, kh, n // kh, h).astype(jnp.float32)
-  s_BKGS = jnp.sum(q_BKGH[..., None] * k_BKHS[:, :, None].astype(jnp.float32), axis=-2) * scale
+  q_BKGH = _scaled(q_B1NH.reshape(b, kh, n // kh, h).astype(jnp.float32), scale)
+  s_BKGS = jnp.sum(q_BKGH[..., None] * k_BKHS[:, :, None].astype(jnp.float32), axis=-2)
   p_BKGS = jax.nn.softmax(s_BKGS + bias_B1S[:, None], axis=-1)
   o_BKGH = jnp.sum(p_BKGS[..., None] * v_BKSH[:, :, None, :, :].astype(jnp.float32), axis=-2)
   return o_BKGH.reshape(b, 1, n, h).astype(q_B1NH.dtype)
