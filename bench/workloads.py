@@ -344,7 +344,7 @@ GROUP, RL_PROMPTS, RL_PROMPT_LEN, RL_NEW = 4, 8, 64, 64  # GRPO/PPO iteration: 8
 def _trl_tokenizer():
   """A real BPE tokenizer (trained here; no hub) whose ids fit the bench vocabulary."""
   import transformers
-  from jaxalign.data.tokenizer import train_tokenizer
+  from jaxalign.data.tasks.tokenizer import train_tokenizer
   words = [f"w{i}" for i in range(3000)]
   tok = train_tokenizer([" ".join(words[i:i + 50]) for i in range(0, 3000, 7)], vocab_size=VOCAB)
   assert len(tok) <= VOCAB, len(tok)

@@ -9,11 +9,12 @@ kto (unpaired prompt/completion/label data).
 
 import ml_collections
 
-from jaxalign.config import base, lock
+from jaxalign.config import base, lock, offline, parse_variant, tiny
 
 
 def get_config(arg: str | None = None):
-  c = base("dpo")
+  _, size = parse_variant(arg, "configs/dpo.py")
+  c = offline(base("dpo"))
   c.optimizer.learning_rate = 5e-7
   c.optimizer.warmup_steps = 10
   c.optimizer.schedule = "linear"
@@ -30,12 +31,8 @@ def get_config(arg: str | None = None):
   c.reference = ml_collections.ConfigDict()
   c.reference.init = ""  # "" = model.init.
   c.reference.precompute = False  # One pass of reference log-probs before training; no reference held after.
-  if arg == "tiny":
+  if size:
+    tiny(c)
     c.train.steps = 30
-    c.train.seq_len = 64
     c.optimizer.learning_rate = 1e-4
-    c.eval.every = 10
-    c.checkpoint.every = 10
-  elif arg:
-    raise ValueError(f"configs/dpo.py: unknown variant {arg!r} (known: tiny)")
   return lock(c)

@@ -8,17 +8,17 @@ reference, and win rate against another checkpoint.
 
 import ml_collections
 
-from jaxalign.config import base, lock
-from jaxalign.config_online import add_online_groups
+from jaxalign.config import base, lock, online, parse_variant, tiny
 
 
 def get_config(arg: str | None = None):
-  c = add_online_groups(base("evaluate"))
+  _, size = parse_variant(arg, "configs/evaluate.py")
+  c = online(base("evaluate"))
   c.eval.max_batches = 0  # 0 = every prompt.
   c.rollout.temperature = 1.0
   c.compare = ml_collections.ConfigDict()
   c.compare.init = ""  # Another policy (run dir or HF dir) to compute the win rate against.
   c.compare.judge = ""  # "" = the reward model's score; or "reward/<function name>".
-  if arg:
-    raise ValueError(f"configs/evaluate.py: no variants (got {arg!r})")
+  if size:
+    tiny(c)
   return lock(c)

@@ -8,12 +8,12 @@ Variants: grpo (default), rloo, dr_grpo, dapo, gspo, tiny.
 
 import ml_collections
 
-from jaxalign.config import base, lock
-from jaxalign.config_online import add_online_groups
+from jaxalign.config import base, lock, online, parse_variant, tiny
 
 
 def get_config(arg: str | None = None):
-  c = add_online_groups(base("grpo"))
+  variant, size = parse_variant(arg, "configs/grpo.py", ("grpo", "rloo", "dr_grpo", "dapo", "gspo"))
+  c = online(base("grpo"))
   c.optimizer.learning_rate = 1e-6
   c.optimizer.schedule = "constant"
   c.grpo = ml_collections.ConfigDict()
@@ -27,10 +27,7 @@ def get_config(arg: str | None = None):
   c.grpo.kl_coef = 0.04  # k3 KL to the reference in the loss; 0 = no reference held.
   c.grpo.epochs = 1
   c.grpo.minibatches = 1
-  variant, _, size = (arg or "").partition(",")
-  if variant in ("", "grpo"):
-    pass
-  elif variant == "rloo":
+  if variant == "rloo":
     c.grpo.estimator, c.grpo.scale, c.grpo.loss_norm = "rloo", "none", "token"
   elif variant == "dr_grpo":
     c.grpo.scale, c.grpo.loss_norm = "none", "constant"
@@ -38,17 +35,8 @@ def get_config(arg: str | None = None):
     c.grpo.clip_high, c.grpo.loss_norm, c.grpo.kl_coef = 0.28, "global_token", 0.0
   elif variant == "gspo":
     c.grpo.importance, c.grpo.clip_low, c.grpo.clip_high = "sequence", 3e-4, 4e-4
-  elif variant == "tiny":
-    size = "tiny"
-  else:
-    raise ValueError(f"configs/grpo.py: unknown variant {arg!r} (known: grpo, rloo, dr_grpo, dapo, gspo, tiny)")
-  if size == "tiny":
-    c.train.steps = 20
-    c.rollout.batch_size = 8
-    c.rollout.prompt_len = 8
-    c.rollout.max_new_tokens = 24
+  if size:
+    tiny(c)
+    c.train.batch_size = 8
     c.grpo.group_size = 4
-    c.optimizer.learning_rate = 1e-4
-    c.eval.every = 10
-    c.checkpoint.every = 10
   return lock(c)

@@ -6,12 +6,12 @@
 
 import ml_collections
 
-from jaxalign.config import base, lock
-from jaxalign.config_online import add_online_groups
+from jaxalign.config import base, lock, online, parse_variant, tiny
 
 
 def get_config(arg: str | None = None):
-  c = add_online_groups(base("ppo"))
+  _, size = parse_variant(arg, "configs/ppo.py")
+  c = online(base("ppo"))
   c.optimizer.learning_rate = 1e-6
   c.optimizer.schedule = "constant"
   c.ppo = ml_collections.ConfigDict()
@@ -31,15 +31,7 @@ def get_config(arg: str | None = None):
   c.value = ml_collections.ConfigDict()
   c.value.init = ""  # "" = reward.init (its decoder, with a fresh head).
   c.value.learning_rate = 0.0  # 0 = optimizer.learning_rate.
-  if arg == "tiny":
-    c.train.steps = 20
-    c.rollout.batch_size = 16
-    c.rollout.prompt_len = 8
-    c.rollout.max_new_tokens = 24
-    c.optimizer.learning_rate = 1e-4
+  if size:
+    tiny(c)
     c.value.learning_rate = 1e-3
-    c.eval.every = 10
-    c.checkpoint.every = 10
-  elif arg:
-    raise ValueError(f"configs/ppo.py: unknown variant {arg!r} (known: tiny)")
   return lock(c)

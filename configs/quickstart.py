@@ -42,16 +42,16 @@ def get_config(arg: str | None = None):
   stages.dpo = dict({**common, "train.steps": 150, "train.batch_size": 32, "train.seq_len": 64,
                                      "optimizer.learning_rate": 1e-4, "optimizer.warmup_steps": 10,
                                      "loss.beta": 0.1, "eval.every": 75, "checkpoint.every": 150})
-  online = {"rollout.batch_size": 32, "rollout.prompt_len": 8, "rollout.max_new_tokens": 32,
+  online = {"train.batch_size": 32, "rollout.prompt_len": 8, "train.seq_len": 40,
             "eval.max_batches": 4, "reward.eval_functions": (GOLD, FLUENT), "logging.every": 5}
   stages.ppo = dict({**common, **online, "train.steps": 60, "optimizer.learning_rate": 5e-5,
                                      "value.learning_rate": 5e-4, "ppo.kl_coef": 0.05, "ppo.target_kl": 4.0,
                                      "ppo.kl_horizon": 2000, "eval.every": 20, "checkpoint.every": 60})
-  stages.grpo = dict({**common, **online, "rollout.batch_size": 16, "grpo.group_size": 4,
+  stages.grpo = dict({**common, **online, "train.batch_size": 16, "grpo.group_size": 4,
                                       "train.steps": 60, "optimizer.learning_rate": 1e-4, "grpo.kl_coef": 0.2,
                                       "eval.every": 20, "checkpoint.every": 60})
-  stages.evaluate = dict({**common, "rollout.prompt_len": 8, "rollout.max_new_tokens": 32,
-                                          "reward.eval_functions": (GOLD, FLUENT), "rollout.batch_size": 32,
+  stages.evaluate = dict({**common, "rollout.prompt_len": 8, "train.seq_len": 40,
+                                          "reward.eval_functions": (GOLD, FLUENT), "eval.batch_size": 32,
                                           "eval.max_batches": 0})
   if arg == "test":
     c.task = ml_collections.ConfigDict(dict(n_sft=2000, n_pref=1500, n_prompts=256, n_eval=64))

@@ -9,11 +9,12 @@ responses (prompt, responses, ranking|ratings) expanded into all pairs.
 
 import ml_collections
 
-from jaxalign.config import base, lock
+from jaxalign.config import base, lock, offline, parse_variant, tiny
 
 
 def get_config(arg: str | None = None):
-  c = base("reward")
+  _, size = parse_variant(arg, "configs/reward.py")
+  c = offline(base("reward"))
   c.optimizer.learning_rate = 1e-5
   c.optimizer.warmup_steps = 10
   c.checkpoint.best_metric = "eval/accuracy"
@@ -21,12 +22,7 @@ def get_config(arg: str | None = None):
   c.reward = ml_collections.ConfigDict()
   c.reward.center_coef = 0.0  # Adds coef * (r_c + r_r)^2 (keeps rewards centred; 0.01 is usual).
   c.reward.use_margin = True  # Subtract the per-pair `margin` field when present.
-  if arg == "tiny":
+  if size:
+    tiny(c)
     c.train.steps = 30
-    c.train.seq_len = 64
-    c.optimizer.learning_rate = 1e-3
-    c.eval.every = 10
-    c.checkpoint.every = 10
-  elif arg:
-    raise ValueError(f"configs/reward.py: unknown variant {arg!r} (known: tiny)")
   return lock(c)

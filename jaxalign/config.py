@@ -1,7 +1,9 @@
-"""The config keys every stage shares (../DESIGN 'Contracts'), so any stage is driven the same way.
+"""The config keys every stage shares (../DESIGN 'Contracts'), so any stage is driven the same way, plus the
+offline and online groups and the one variant parser.
 
-Stage files in `configs/` call `base(stage)`, add their own group, and return `lock(config)`: a locked
-ConfigDict, so an override of a key that does not exist is an error naming the key.
+Stage files in `configs/` call `base(stage)`, add `offline(c)` (SFT, reward, DPO: token batches from records)
+or `online(c)` (PPO, GRPO, evaluate: prompts and sampling) and their own group, and return `lock(config)`: a
+locked ConfigDict holding only keys the stage reads, so an override of any other key is an error naming it.
 """
 
 from __future__ import annotations
@@ -34,22 +36,14 @@ def base(stage: str) -> ml_collections.ConfigDict:
   c.data.split = "train"  # Split name for hub datasets / dataset dicts.
   c.data.format = "auto"  # auto | text | prompt_completion | messages | preference | prompt.
   c.data.chat_template = ""  # "" = the tokenizer's; or a named default ("chatml") / a Jinja string.
-  c.data.completion_only = True  # Loss only on completion / assistant tokens.
-  c.data.add_eos = True  # Append EOS to completions (plain formats).
-  c.data.pack = True  # Pack examples into full rows (segment ids keep them apart); else pad.
-  c.data.buckets = ()  # Extra shorter row lengths for padded batches, e.g. (128, 256).
-  c.data.loss_window = 4  # SFT (padded) and DPO rows: logits from the first trained column on, in 1/N-row steps (0 = off).
-  c.data.max_prompt_len = 0  # Pairs: prompt tokens kept (its end) when a pair is too long; 0 = seq_len // 2.
-  c.data.too_long = "truncate"  # truncate | drop | error, for examples longer than train.seq_len.
   c.data.bad_rows = "error"  # error | skip (counted in the data report).
   c.data.dedup = True  # Drop exact duplicate records.
   c.data.max_records = 0  # Use at most this many records (0 = all).
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100  # Optimizer steps.
-  c.train.batch_size = 8  # Global batch (rows); split over the data-parallel axes and microbatches.
-  c.train.seq_len = 256  # Longest row length (bucket).
-  c.train.grad_accum = 1  # Microbatches per step (a scan inside the step).
+  c.train.batch_size = 8  # Global batch: rows (offline) or prompts per iteration (online); over the data axes.
+  c.train.seq_len = 256  # Longest row: tokens (offline); prompt + response (online).
   c.train.run_steps = 0  # Stop this invocation after N steps (rerun to continue; for job time limits). 0 = off.
   c.train.nan_policy = "stop"  # stop | skip: non-finite loss or gradient.
   c.train.loss_spike = 0.0  # Skip an update whose loss exceeds this multiple of the running mean (0 = off).
@@ -93,6 +87,82 @@ def base(stage: str) -> ml_collections.ConfigDict:
   c.export = ml_collections.ConfigDict()
   c.export.hf = True  # Write WORKDIR/export/hf at the end (a transformers checkpoint + tokenizer).
   c.export.dtype = ""  # "" = param_dtype.
+  return c
+
+
+def offline(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Keys of the stages that train on token batches made from records (SFT, reward, DPO)."""
+  c.data.completion_only = True  # Loss only on completion / assistant tokens.
+  c.data.add_eos = True  # Append EOS to completions (plain formats).
+  c.data.pack = True  # Pack examples into full rows (segment ids keep them apart); else pad.
+  c.data.buckets = ()  # Extra shorter row lengths for padded batches, e.g. (128, 256).
+  c.data.loss_window = 4  # SFT (padded) and DPO rows: logits from the first trained column on, in 1/N-row steps (0 = off).
+  c.data.max_prompt_len = 0  # Pairs: prompt tokens kept (its end) when a pair is too long; 0 = seq_len // 2.
+  c.data.too_long = "truncate"  # truncate | drop | error, for examples longer than train.seq_len.
+  c.train.grad_accum = 1  # Microbatches per step (a scan inside the step).
+  return c
+
+
+def online(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Keys of the stages that sample (PPO, GRPO, evaluate): prompts, the sampler, reward sources, reference.
+
+  train.batch_size is the number of prompts per iteration and train.seq_len the longest rollout row: the
+  prompt (rollout.prompt_len, left-padded) plus up to train.seq_len - rollout.prompt_len response tokens."""
+  c.data.format = "prompt"  # Any records with a `prompt` field.
+  c.data.dedup = False  # Repeated prompts are legitimate samples here.
+  c.train.batch_size = 16
+  c.train.seq_len = 128
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.prompt_len = 64  # Prompt bucket (left-padded; longer prompts keep their end).
+  c.rollout.temperature = 1.0
+  c.rollout.top_k = 0  # 0 = off.
+  c.rollout.top_p = 1.0  # 1.0 = off.
+  c.reward = ml_collections.ConfigDict()
+  c.reward.init = ""  # Reward-model run dir or HF *ForSequenceClassification dir.
+  c.reward.model_weight = 1.0  # Weight of the reward model's score in the total reward (GRPO).
+  c.reward.functions = ()  # Python reward functions 'module:function' (prompts, completions) -> floats.
+  c.reward.weights = ()  # One weight per function (default 1.0 each).
+  c.reward.eval_functions = ()  # Extra functions reported at eval only (e.g. a gold reward).
+  c.reference = ml_collections.ConfigDict()
+  c.reference.init = ""  # "" = model.init.
+  c.train.steps = 100  # Iterations (rollout + update).
+  c.checkpoint.every = 50
+  c.eval.every = 25
+  c.eval.max_batches = 4  # Eval prompt batches (of train.batch_size prompts).
+  c.logging.every = 1
+  return c
+
+
+def parse_variant(arg: str | None, path: str, variants: tuple[str, ...] = ()) -> tuple[str, str]:
+  """`configs/x.py:variant[,size]` -> (variant, size); size is "" or "tiny" (a CPU-minutes smoke run).
+  An unknown name is an error naming the file and the known names."""
+  names = [n for n in (arg or "").split(",") if n]
+  variant = size = ""
+  for n in names:
+    if n == "tiny":
+      size = n
+    elif n in variants and not variant:
+      variant = n
+    else:
+      known = ", ".join((*variants, "tiny"))
+      raise ValueError(f"{path}: unknown variant {arg!r} (known: {known}; a variant and tiny combine as "
+                       f"'name,tiny')")
+  return variant, size
+
+
+def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The `:tiny` size every stage shares: a run of a few CPU-minutes on a tiny model."""
+  c.train.steps = 20
+  c.eval.every = 10
+  c.checkpoint.every = 10
+  if "rollout" in c:
+    c.train.batch_size = 16
+    c.rollout.prompt_len = 8
+    c.train.seq_len = 32  # 8 prompt + 24 response tokens.
+    c.optimizer.learning_rate = 1e-4
+  else:
+    c.train.seq_len = 64
+    c.optimizer.learning_rate = 1e-3
   return c
 
 

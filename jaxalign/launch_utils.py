@@ -42,40 +42,46 @@ def log_devices():
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
 
 
-STAGES = {
-    "sft": ("jaxalign.loops.offline", "train_sft"),
-    "reward": ("jaxalign.loops.preference", "train_reward"),
-    "dpo": ("jaxalign.loops.preference", "train_dpo"),
-    "ppo": ("jaxalign.loops.online", "train_ppo"),
-    "grpo": ("jaxalign.loops.online", "train_grpo"),
-    "evaluate": ("jaxalign.loops.evaluate", "evaluate"),
-}
-
-
 def train(config, workdir: str) -> int:
   """Run the configured stage; returns the process exit code (0 also for a clean preemption stop)."""
-  import importlib
-
-  from jaxalign.loops.offline import NonFiniteError, Preempted
+  from jaxalign.loops import stages
+  from jaxalign.loops.driver import CheckpointLayoutError, NonFiniteError, Preempted
 
   quiet_libraries()
-  if config.stage not in STAGES:
-    raise ValueError(f"stage={config.stage!r}: expected one of {sorted(STAGES)}")
-  mod, fn = STAGES[config.stage]
   try:
-    getattr(importlib.import_module(mod), fn)(config, workdir)
+    stages.train(config, workdir)
   except Preempted as e:
     logging.warning("%s", e)
     print(str(e), flush=True)
     return 0
-  except NonFiniteError as e:
+  except (NonFiniteError, CheckpointLayoutError) as e:
     logging.error("%s", e)
     print(f"error: {e}", flush=True)
     return 3
   return 0
 
 
-def dry_run(config):
-  from jaxalign import memory
+def dry_run(config, workdir: str | None = None) -> dict:
+  """Compile the stage's programs for the configured mesh from shapes alone; print per-device memory and
+  write WORKDIR/plan.json."""
+  import json
 
-  memory.report(config)
+  from jaxalign.loops import stages
+
+  quiet_libraries()
+  out = stages.plan(config)
+  gib = lambda v: f"{v / 2**30:.3f} GiB" if v >= 2**30 else f"{v / 2**20:.2f} MiB"  # noqa: E731
+  lines = [f"dry run: stage {out['stage']}, mesh {out['mesh']} ({out['devices']} devices)",
+           f"  params + optimizer per device: {gib(out['state_bytes_per_device'])}",
+           f"  frozen models per device:      {gib(out['frozen_bytes_per_device'])}"]
+  for name, row in out["programs"].items():
+    if "peak_bytes" in row:
+      lines.append(f"  {name}: peak {gib(row['peak_bytes'])} per device (arguments {gib(row['argument_bytes'])}, "
+                   f"XLA temporaries {gib(row['temp_bytes'])})")
+  msg = "\n".join(lines)
+  print(msg, flush=True)
+  if workdir and jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "plan.json"), "w") as f:
+      json.dump(out, f, indent=2)
+  return out

@@ -97,6 +97,14 @@ def local_rows(x) -> np.ndarray:
   return np.concatenate([np.asarray(parts[k]) for k in sorted(parts)])
 
 
+def to_host(x) -> np.ndarray:
+  """A whole global array as numpy on every process (an all-gather when it spans processes)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(x)
+
+
 def fetch(tree):
   """Device -> host for a small metrics tree (one transfer)."""
   return jax.tree.map(lambda x: np.asarray(x), jax.device_get(tree))

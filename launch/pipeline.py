@@ -19,9 +19,9 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Directory for ever
 
 def main(argv):
   del argv
-  from jaxalign import pipeline
+  from jaxalign import quickstart
 
-  pipeline.run(_CONFIG.value, _WORKDIR.value)
+  quickstart.run(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ _DIST = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
 _COORD = flags.DEFINE_string("coordinator", None, "host:port of process 0 (explicit multi-process).")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes (explicit multi-process).")
 _PID = flags.DEFINE_integer("process_id", None, "This process's id (explicit multi-process).")
-_DRY = flags.DEFINE_bool("dry_run", False, "Compile the train step and print per-device memory; no data read.")
+_DRY = flags.DEFINE_bool("dry_run", False, "Compile the stage's steps from shapes alone; print per-device memory, write WORKDIR/plan.json; no weight or data read.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,7 +33,7 @@ def main(argv):
   config = _CONFIG.value
   launch_utils.log_devices()
   if _DRY.value:
-    launch_utils.dry_run(config)
+    launch_utils.dry_run(config, _WORKDIR.value)
     return
   code = launch_utils.train(config, _WORKDIR.value)
   sys.exit(code)

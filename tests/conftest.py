@@ -66,14 +66,14 @@ def load_config(name: str, variant: str | None = None, **overrides):
 def task_sft(tmp_path_factory):
   """The reviews task and a tiny SFT run trained from scratch on it (shared by preference and RL tests)."""
   from jaxalign.data.tasks import reviews
-  from jaxalign.loops import offline
+  from jaxalign.loops import stages
 
   root = tmp_path_factory.mktemp("task")
   paths = reviews.write_task(str(root / "data"), n_sft=2000, n_pref=1500, n_prompts=256, n_eval=200)
   cfg = load_config("sft", "tiny", model__tokenizer=paths["tokenizer"], data__train=paths["sft_train"],
                     data__eval=paths["sft_eval"], train__steps=150, train__batch_size=16, eval__every=150,
                     checkpoint__every=150, logging__progress=False, logging__tensorboard=False, export__hf=False)
-  offline.train_sft(cfg, str(root / "sft"))
+  stages.train(cfg, str(root / "sft"))
   return {**paths, "sft": str(root / "sft"), "root": str(root)}
 
 

@@ -16,7 +16,7 @@ def sentences(n: int, seed: int = 0) -> list[str]:
 
 
 def make_tokenizer(path: str, vocab_size: int = 300):
-  from jaxalign.data.tokenizer import train_tokenizer
+  from jaxalign.data.tasks.tokenizer import train_tokenizer
 
   tok = train_tokenizer(sentences(2000, 1) + [" ".join(WORDS)], vocab_size=vocab_size)
   tok.save_pretrained(path)

@@ -18,7 +18,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from jaxalign.data.tokenize import Example
+from jaxalign.data.examples import Example
 
 KEYS = ("tokens", "positions", "segment_ids", "targets", "weights")
 

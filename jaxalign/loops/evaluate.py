@@ -11,9 +11,15 @@ import os
 import jax
 import numpy as np
 
-from jaxalign.loops import online, setup
-from jaxalign.loops.offline import prepare
+from jaxalign import sharding
+from jaxalign.data import datasets
+from jaxalign.data.prompts import pad_id, stop_ids
+from jaxalign.loops import driver, setup
+from jaxalign.loops.ppo import prompt_spec, rollout_settings
+from jaxalign.loops.sampled_eval import SampledEval, write_jsonl
 from jaxalign.metrics import MetricWriter
+from jaxalign.rewards import functions as reward_functions
+from jaxalign.steps import policy
 
 
 def _judge(texts_a, texts_b, key: str) -> float:
@@ -23,31 +29,66 @@ def _judge(texts_a, texts_b, key: str) -> float:
   return float(np.mean((a > b) + 0.5 * (a == b)))
 
 
-def evaluate(config, workdir: str) -> dict:
-  mesh, tok, model_cfg, params, source = prepare(config, workdir)
-  prompts, _, _ = online.prompt_examples(_eval_only(config), tok)
-  frozen, sources = online._frozen_models(config, model_cfg, mesh, need_reference=bool(  # noqa: SLF001
-      config.reference.init or config.model.init))
+def build(config, workdir: str, *, mesh=None, abstract: bool = False) -> driver.Parts:
+  """The policy (as a state without optimizer) and, for a compile plan, the sampler as its one program."""
+  mesh, tok, model_cfg, params, source = setup.prepare(config, workdir, mesh=mesh, abstract=abstract)
+  frozen, sources = setup.load_frozen(config, model_cfg, mesh, reference=bool(config.reference.init or
+                                                                                config.model.init),
+                                      reward=bool(config.reward.init), abstract=abstract)
   sources["model"] = source
-  functions = online.load_reward_functions(config.reward.eval_functions, ())
-  ev = online.Evaluator(config, tok, model_cfg, mesh, prompts, frozen, functions)
-  writer = MetricWriter(workdir, "evaluate", config.logging.tensorboard)
-  metrics, texts = ev(params["model"], 0, None, os.path.join(workdir, "samples.jsonl"))
+  ro = rollout_settings(config)
+  state = setup.new_state(params, _NoOptimizer(), config.seed, mesh, frozen=frozen, abstract=abstract)
+  pad, stops = pad_id(tok, model_cfg), stop_ids(tok, model_cfg)
+
+  def sample(st, batch):
+    s, *_ = policy.sample(model_cfg, st.params["model"], batch["prompts"], batch["prompt_mask"], st.rng, ro,
+                          stop_ids=stops, pad_id=pad)
+    return s.tokens
+
+  sampler = jax.jit(sample, out_shardings=sharding.replicated(mesh))
+  parts = driver.Parts("evaluate", state, sampler, None, mesh,
+                       programs={"sample": (sampler, (state, prompt_spec(config, mesh, config.eval.batch_size)))})
+  if abstract:
+    return parts
+  prompts, _, _ = datasets.prompt_examples(_eval_only(config), tok, config.rollout.prompt_len)
+  functions = reward_functions.load(config.reward.eval_functions)
+  parts.evaluate = SampledEval(config, tok, model_cfg, mesh, prompts, frozen, ro, functions, config.eval.batch_size)
+  parts.sources = sources
+  return parts
+
+
+def run(config, workdir: str) -> dict:
+  """The evaluate stage: one sampled evaluation of model.init (and of compare.init for a win rate)."""
+  parts = build(config, workdir)
+  ev: SampledEval = parts.evaluate
+  sources = parts.sources
+  metrics, texts = ev.run(parts.state.params["model"])
+  write_jsonl(os.path.join(workdir, "samples.jsonl"), texts)
   if config.compare.init:
-    other, _ = setup.load_model(config.compare.init, model_cfg, mesh, jax.random.PRNGKey(0), key="compare.init")
-    _, base_texts = ev(other["model"], 0)
-    judge = config.compare.judge or ("score" if "reward" in frozen else "")
-    if not judge and functions:
-      judge = f"reward/{functions[0][0]}"
+    other, _ = setup.load_model(config.compare.init, ev.model_cfg, parts.mesh, jax.random.PRNGKey(0),
+                                key="compare.init")
+    _, base_texts = ev.run(other["model"])
+    judge = config.compare.judge or ("score" if "reward" in ev.frozen else "")
+    if not judge and ev.functions:
+      judge = f"reward/{ev.functions[0][0]}"
     if judge:
       metrics["win_rate"] = _judge(texts, base_texts, judge)
       metrics["win_rate_judge"] = judge
+  writer = MetricWriter(workdir, "evaluate", config.logging.tensorboard)
   writer.write(0, "eval", {k: v for k, v in metrics.items() if not isinstance(v, str)})
   writer.close()
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "eval.json"), "w") as f:
       json.dump({"metrics": metrics, "sources": sources}, f, indent=2)
   return metrics
+
+
+class _NoOptimizer:
+  """Evaluation trains nothing: an empty optimizer state."""
+
+  def init(self, params):
+    del params
+    return ()
 
 
 def _eval_only(config):

@@ -1,16 +1,25 @@
-"""What every stage does before its loop: mesh, tokenizer, and models from a HF dir, an earlier run, or scratch."""
+"""What every stage's `build` shares: mesh, tokenizer, models from a HF dir, an earlier run or scratch (or
+their shapes only, for a compile plan), frozen models, the run record and the HF export."""
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
+import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
 
 from jaxalign import checkpoint, sharding
-from jaxalign.data import tokenize
+from jaxalign.data import examples
 from jaxalign.models import build, heads, hf, lora, transformer
 from jaxalign.models.config import ModelConfig, preset
+from jaxalign.optim import make_optimizer
+from jaxalign.steps.state import TrainState, create
 
 
 def model_overrides(model_cfg) -> dict:
@@ -39,7 +48,7 @@ def load_tokenizer(config):
     tok = transformers.AutoTokenizer.from_pretrained(path)
   except Exception as e:
     raise ValueError(f"model.tokenizer={path}: could not load a Hugging Face tokenizer: {e}") from e
-  tokenize.set_chat_template(tok, config.data.chat_template)
+  examples.set_chat_template(tok, config.data.chat_template)
   if tok.pad_token_id is None:
     tok.pad_token = tok.eos_token
   return tok, path
@@ -69,8 +78,34 @@ def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
-def load_model(init: str, cfg: ModelConfig, mesh, rng, *, with_head: bool = False, key: str = "model.init"):
-  """Params {'model': ..., ['head': ...]} placed with their shardings, and where they came from."""
+def abstract_model(cfg: ModelConfig, mesh, *, with_head: bool = False) -> dict:
+  """The params `load_model` would return, as ShapeDtypeStructs with their shardings (nothing read)."""
+  base_cfg = cfg.replace(lora_rank=0)
+  params = {"model": checkpoint.abstract_like(transformer.abstract_params(base_cfg)[0],
+                                              build.param_shardings(base_cfg, mesh))}
+  if cfg.lora_rank:
+    params["model"] = concrete(jax.eval_shape(lambda p: build.add_adapters(cfg, p, mesh, jax.random.PRNGKey(0)),
+                                              params["model"]), mesh)
+  if with_head:
+    params["head"] = checkpoint.abstract_like(heads.head_shapes(cfg), build.head_shardings(cfg, mesh))
+  return params
+
+
+def concrete(tree, mesh):
+  """ShapeDtypeStructs from `jax.eval_shape` with their shardings on `mesh` (replicated where none)."""
+  def fix(x):
+    s = getattr(x, "sharding", None)
+    spec = s.spec if isinstance(s, NamedSharding) else jax.sharding.PartitionSpec()
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
+  return jax.tree.map(fix, tree)
+
+
+def load_model(init: str, cfg: ModelConfig, mesh, rng, *, with_head: bool = False, key: str = "model.init",
+               abstract: bool = False):
+  """Params {'model': ..., ['head': ...]} placed with their shardings, and where they came from.
+  `abstract`: their shapes and shardings only, nothing read (the compile plan)."""
+  if abstract:
+    return abstract_model(cfg, mesh, with_head=with_head), {"path": init or None, "kind": "abstract"}
   base_cfg = cfg.replace(lora_rank=0)
   shard = build.param_shardings(base_cfg, mesh)
   if checkpoint.is_run_dir(init):
@@ -112,10 +147,144 @@ def make_mesh(config):
   if config.train.batch_size % dp:
     raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by the data-parallel size "
                      f"mesh.data x mesh.fsdp = {dp}")
-  if (config.train.batch_size // dp) % max(1, config.train.grad_accum) and config.train.batch_size % config.train.grad_accum:
-    raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by train.grad_accum="
-                     f"{config.train.grad_accum}")
+  accum = config.train.get("grad_accum", 1)  # Offline stages only.
+  if (config.train.batch_size // dp) % max(1, accum) and config.train.batch_size % accum:
+    raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by train.grad_accum={accum}")
   if config.eval.batch_size % dp:
     raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by the data-parallel size {dp}")
   logging.info("%s", sharding.describe(mesh))
   return mesh
+
+
+# ----------------------------------------------------------------------------------------------- what builds share
+
+def prepare(config, workdir: str, *, with_head: bool = False, mesh=None, abstract: bool = False):
+  """Mesh, tokenizer, model config and params for a stage; saves the tokenizer into the workdir.
+
+  `abstract` (the compile plan): params are shapes with shardings; the tokenizer is optional (an HF
+  directory may hold only config.json) and nothing is written."""
+  mesh = make_mesh(config) if mesh is None else mesh
+  if abstract:
+    try:
+      tok, _ = load_tokenizer(config)
+    except ValueError:
+      tok = None
+  else:
+    tok, _ = load_tokenizer(config)
+  model_cfg = resolve_model_config(config.model.init, config.model, tok)
+  if tok is not None:
+    check_vocab(model_cfg, tok, "model.tokenizer")
+  rng = jax.random.PRNGKey(config.seed)
+  params, source = load_model(config.model.init, model_cfg, mesh, rng, with_head=with_head, abstract=abstract)
+  if not abstract and jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    tok.save_pretrained(os.path.join(workdir, "tokenizer"))
+  return mesh, tok, model_cfg, params, source
+
+
+def new_state(params, tx, seed: int, mesh, *, frozen=None, abstract: bool = False) -> TrainState:
+  """A fresh TrainState created on the params' devices (or its shapes and shardings, `abstract`)."""
+  make = jax.jit(functools.partial(create, tx=tx, seed=seed))
+  if abstract:
+    return concrete(jax.eval_shape(make, params), mesh)._replace(frozen=frozen)
+  return make(params)._replace(frozen=frozen)
+
+
+def optimizer(config, params, updates: int, ocfg=None):
+  """(tx, schedule) for `updates` optimizer steps over the whole run."""
+  return make_optimizer(config.optimizer if ocfg is None else ocfg, params, updates)
+
+
+def load_frozen(config, model_cfg, mesh, *, reference: bool, reward: bool, abstract: bool = False):
+  """Frozen models ({'reference': model params, 'reward': {'model', 'head'}}) and where they came from.
+
+  The reference is reference.init (default model.init) with the policy's architecture; the reward model
+  is reward.init and must share the policy's tokenizer and architecture. A plan (`abstract`) without them
+  takes the policy's shapes."""
+  frozen, sources = {}, {}
+  base_cfg = model_cfg.replace(lora_rank=0)
+  if reference and abstract and not (config.reference.init or config.model.init):  # A plan from a preset.
+    frozen["reference"], sources["reference"] = abstract_model(base_cfg, mesh)["model"], {"kind": "abstract"}
+  elif reference:
+    init = config.reference.init or config.model.init
+    if not init:
+      raise ValueError(f"{config.stage} needs a reference: set model.init to an SFT run or HF checkpoint (or "
+                       "reference.init)")
+    ref_cfg = resolve_model_config(init, config.model).replace(lora_rank=0)
+    if ref_cfg != base_cfg:
+      raise ValueError(f"reference.init={init}: architecture differs from the policy's ({model_cfg.family}, "
+                       f"{model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}); the reference must be the "
+                       "same model")
+    p, sources["reference"] = load_model(init, base_cfg, mesh, jax.random.PRNGKey(0), key="reference.init",
+                                         abstract=abstract)
+    frozen["reference"] = p["model"]
+  if reward and abstract and not config.reward.init:
+    frozen["reward"], sources["reward"] = abstract_model(base_cfg, mesh, with_head=True), {"kind": "abstract"}
+  elif reward:
+    rm_cfg = resolve_model_config(config.reward.init, config.model)
+    if (rm_cfg.vocab_size, rm_cfg.hidden_size, rm_cfg.num_layers) != (model_cfg.vocab_size, model_cfg.hidden_size,
+                                                                        model_cfg.num_layers):
+      raise ValueError(f"reward.init={config.reward.init}: its architecture (vocab {rm_cfg.vocab_size}, hidden "
+                       f"{rm_cfg.hidden_size}, {rm_cfg.num_layers} layers) does not match the policy's; the reward "
+                       "model must share the policy's tokenizer and, in this version, its architecture")
+    frozen["reward"], sources["reward"] = load_model(config.reward.init, base_cfg, mesh, jax.random.PRNGKey(0),
+                                                     with_head=True, key="reward.init", abstract=abstract)
+  return frozen, sources
+
+
+def record_run(workdir: str, config, model_cfg, sources: dict, has_head: bool = False):
+  """WORKDIR/run.json: the stage, model config, tokenizer and where each model came from."""
+  checkpoint.write_run_info(workdir, {
+      "stage": config.stage, "model_config": checkpoint.model_config_dict(model_cfg),
+      "tokenizer": os.path.abspath(os.path.join(workdir, "tokenizer")), "has_head": has_head,
+      "sources": sources, "config": config.to_dict(), "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+def write_reports(workdir: str, reports):
+  """WORKDIR/data_report.json (the data reports are logged once, where they are made)."""
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "data_report.json"), "w") as f:
+      json.dump([r.summary() for r in reports], f, indent=2)
+
+
+def export_hf(workdir: str, model_cfg, params, tok, head=None, dtype=None) -> str:
+  """WORKDIR/export/hf as a transformers checkpoint; LoRA adapters are merged into the weights."""
+  out = os.path.join(workdir, "export", "hf")
+  if model_cfg.lora_rank:
+    params = jax.jit(lora.merge, static_argnums=0)(model_cfg, params)
+    model_cfg = model_cfg.replace(lora_rank=0)
+  hf.save_params(out, model_cfg, params, head=head, dtype=dtype, tokenizer=tok)
+  logging.info("exported a Hugging Face checkpoint to %s", out)
+  return out
+
+
+def batch_spec(mesh, shapes: dict) -> dict:
+  """Abstract batch {name: (shape, dtype)} -> ShapeDtypeStructs sharded over (data, fsdp)."""
+  return {k: jax.ShapeDtypeStruct(s, dt, sharding=sharding.batch_sharding(mesh, len(s))) for k, (s, dt) in shapes.items()}
+
+
+def batch_evaluator(eval_fn, metrics_fn, eval_batches, state_sh, mesh):
+  """`evaluate(state, step, final)` over fixed eval batches: per-batch sums accumulate inside jit (no eager op
+  on global arrays: multi-process safe), then `metrics_fn(sums)` on the host."""
+  if not eval_batches or eval_fn is None:
+    return None
+  from jaxalign.loops.driver import to_device
+  from jaxalign.metrics import fetch
+  rep = sharding.replicated(mesh)
+  bs = sharding.batch_sharding(mesh)
+  first = jax.jit(eval_fn, in_shardings=(state_sh, bs), out_shardings=rep)
+  more = jax.jit(lambda st, b, acc: jax.tree.map(jnp.add, acc, eval_fn(st, b)),
+                 in_shardings=(state_sh, bs, rep), out_shardings=rep, donate_argnums=(2,))
+
+  def evaluate(state, step, final):
+    del step, final
+    sums = None
+    for b in eval_batches:
+      sums = first(state, to_device(b, mesh)) if sums is None else more(state, to_device(b, mesh), sums)
+    return {k: float(v) for k, v in metrics_fn(fetch(sums)).items()}
+
+  return evaluate
+
+
+def int_spec(*shape):
+  return (shape, np.int32)

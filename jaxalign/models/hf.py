@@ -17,6 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxalign.models.config import FAMILIES, ModelConfig
+from jaxalign.metrics import to_host
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
               "I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -285,19 +286,12 @@ def load_score_head(path: str, cfg: ModelConfig, sharding=None) -> dict | None:
   return {"w": jax.make_array_from_callback(w.shape, sharding["w"], lambda idx: w[idx])}
 
 
-def _to_host(x) -> np.ndarray:
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils
-    x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(x)
-
-
 def hf_tensors(cfg: ModelConfig, params: dict, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
   """(HF name, host array) pairs, one tensor at a time."""
   flat = dict(_flat(params))
   dtype = np.dtype(dtype or cfg.param_dtype)
   for ours, names in hf_names(cfg).items():
-    host = _to_host(flat[ours]).astype(dtype)
+    host = to_host(flat[ours]).astype(dtype)
     if ours[0] == "layers":
       for i, n in enumerate(names):
         yield n, np.ascontiguousarray(_inverse(cfg, ours[1], host[i]))
@@ -322,7 +316,7 @@ def save_params(path: str, cfg: ModelConfig, params: dict, *, head: dict | None 
     shards[-1][name] = arr
     size += arr.nbytes
   if seqcls:
-    w = _to_host(head["w"]).astype(dtype or cfg.param_dtype).reshape(1, -1)
+    w = to_host(head["w"]).astype(dtype or cfg.param_dtype).reshape(1, -1)
     shards[-1]["score.weight"] = w
   if jax.process_index() == 0:
     if len(shards) == 1:

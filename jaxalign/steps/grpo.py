@@ -1,125 +1,126 @@
 """Critic-free online RL: GRPO, RLOO, Dr. GRPO, DAPO's clip-higher and token normalisation, GSPO.
 
-G samples per prompt; a sequence reward from the reward model and/or Python reward functions (computed on
-the host between `group_rollout` and `grpo_update`); group advantages; a clipped surrogate with an optional
-k3 KL to the reference. The policy's `frozen` may hold 'reference' and 'reward' ({'model', 'head'}).
+G samples per prompt; a sequence reward from the reward model and/or Python reward functions; group
+advantages; a clipped surrogate with an optional k3 KL to the reference. Two pure, jitted halves,
+`group_rollout` and `grpo_update`, with the host's reward functions between them: `grpo_iteration` composes
+the three and is what the driver runs. The state's `frozen` may hold 'reference' and 'reward' ({'model',
+'head'}). Shapes as in `steps.policy`, with B = prompts x G rows (rows i * G + j answer prompt i) and F reward
+functions.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxalign import sampling, sharding
 from jaxalign.losses import rl
 from jaxalign.losses.lm import masked_mean
-from jaxalign.steps.ppo import response_logprobs, score_sequences
-from jaxalign.steps.state import TrainState, apply_update
+from jaxalign.steps import policy
+from jaxalign.steps.policy import Rollout
+from jaxalign.steps.state import TrainState, apply_update, sub_state
 
 
-class GroupRollout(NamedTuple):
-  tokens: jax.Array  # [B*G, P + N], groups of G consecutive rows share a prompt.
-  positions: jax.Array
-  segment_ids: jax.Array
-  mask: jax.Array  # [B*G, N]
-  old_logp: jax.Array  # [B*G, N]; zeros when on-policy (the update's own forward stands in; see on_policy).
-  ref_logp: jax.Array | None  # None without a reference model.
-  model_scores: jax.Array  # [B*G] reward-model scores (0 without a reward model).
-  finished: jax.Array  # [B*G] bool
-
-
-def group_rollout(state: TrainState, prompts, prompt_mask, rng, *, cfg, rcfg, gcfg, stop_ids, pad_id):
-  """Sample G completions per prompt and compute old/reference log-probs and reward-model scores."""
-  g = gcfg.group_size
-  s = sampling.generate(cfg, state.params["model"], prompts, prompt_mask, rng, max_new_tokens=rcfg.max_new_tokens,
-                        temperature=rcfg.temperature, top_k=rcfg.top_k, top_p=rcfg.top_p, stop_ids=stop_ids,
-                        pad_id=pad_id, num_samples=g)  # One prefill per prompt, G samples from its cache.
-  prompts, prompt_mask = jnp.repeat(prompts, g, axis=0), jnp.repeat(prompt_mask, g, axis=0)
-  p = prompts.shape[1]
-  tokens, pos, seg = sampling.sequences(prompts, prompt_mask, s)
-  frozen = state.frozen or {}
-  if on_policy(gcfg):  # The update's own forward gives these exactly (at the same params); skip a pass.
-    old_logp = jnp.zeros_like(s.mask)
+def group_rollout(state: TrainState, batch: dict, *, cfg, rollout_cfg, grpo_cfg, stop_ids, pad_id) -> Rollout:
+  """Sample G completions per prompt of `batch` {'prompts', 'prompt_mask'} [b, P]; old/reference log-probs and
+  reward-model scores of the b * G rows."""
+  g = grpo_cfg.group_size
+  key = jax.random.split(state.rng)[0]
+  s, *seqs = policy.sample(cfg, state.params["model"], batch["prompts"], batch["prompt_mask"], key, rollout_cfg,
+                           stop_ids=stop_ids, pad_id=pad_id, num_samples=g)  # One prefill, G samples.
+  p = batch["prompts"].shape[1]
+  if on_policy(grpo_cfg):  # The update's own forward gives these exactly (at the same params); skip a pass.
+    old_BN = jnp.zeros_like(s.mask)
   else:
-    old_logp = response_logprobs(cfg, state.params["model"], tokens, pos, seg, p, rcfg.temperature, group=g) * s.mask
-  # Each model's pass waits for the previous one (sharding.after: one collective order on every device).
-  if "reference" in frozen:
-    ref_logp = response_logprobs(cfg, frozen["reference"], *sharding.after((tokens, pos, seg), old_logp), p,
-                                 rcfg.temperature, group=g) * s.mask
-  else:
-    ref_logp = None
-  scores = score_sequences(cfg, frozen["reward"], *sharding.after((tokens, pos, seg), ref_logp)) if (
-      "reward" in frozen) else jnp.zeros(tokens.shape[0], jnp.float32)
-  return GroupRollout(tokens, pos, seg, s.mask, old_logp, ref_logp, scores, s.finished)
+    old_BN = policy.response_logprobs(cfg, state.params["model"], *seqs, p, rollout_cfg.temperature,
+                                      group=g) * s.mask
+  ref_BN, scores_B = policy.frozen_passes(cfg, state.frozen, tuple(seqs), old_BN, p, rollout_cfg.temperature,
+                                          group=g)
+  if ref_BN is not None:
+    ref_BN = ref_BN * s.mask
+  return Rollout(*seqs, s.mask, old_BN, ref_BN, scores_B, s.finished)
 
 
-def on_policy(gcfg) -> bool:
+def on_policy(grpo_cfg) -> bool:
   """One epoch of one minibatch: the update runs at the sampling params, so old log-probs == current ones."""
-  return gcfg.epochs == 1 and gcfg.minibatches == 1
+  return grpo_cfg.epochs == 1 and grpo_cfg.minibatches == 1
 
 
-def _loss(params, mb, *, cfg, gcfg, temperature, prompt_len, max_len, global_tokens, group):
-  lp = response_logprobs(cfg, params["model"], mb["tokens"], mb["positions"], mb["segment_ids"], prompt_len,
-                         temperature, group=group)
-  mask = mb["mask"]
-  if on_policy(gcfg):
-    mb = {**mb, "old_logp": jax.lax.stop_gradient(lp)}
-  if mb["ref_logp"] is None:  # No reference model (kl_coef 0): a zero KL.
-    mb = {**mb, "ref_logp": jax.lax.stop_gradient(lp)}
-  adv = mb["advantages"][:, None] * mask
-  if gcfg.importance == "sequence":  # GSPO
-    lp_eff = mb["old_logp"] + jnp.log(rl.gspo_ratio(lp, mb["old_logp"], mask))
-  elif gcfg.importance == "token":
-    lp_eff = lp
+def _loss(params, mb: dict, *, cfg, grpo_cfg, temperature, prompt_len, max_len, global_tokens, group):
+  lp_BN = policy.response_logprobs(cfg, params["model"], mb["tokens"], mb["positions"], mb["segment_ids"],
+                                   prompt_len, temperature, group=group)
+  mask_BN = mb["mask"]
+  old_BN = jax.lax.stop_gradient(lp_BN) if on_policy(grpo_cfg) else mb["old_logp"]
+  ref_BN = jax.lax.stop_gradient(lp_BN) if mb["ref_logp"] is None else mb["ref_logp"]  # None: a zero KL.
+  adv_BN = mb["advantages"][:, None] * mask_BN
+  if grpo_cfg.importance == "sequence":  # GSPO
+    lp_eff_BN = old_BN + jnp.log(rl.gspo_ratio(lp_BN, old_BN, mask_BN))
+  elif grpo_cfg.importance == "token":
+    lp_eff_BN = lp_BN
   else:
-    raise ValueError(f"grpo.importance={gcfg.importance!r}: expected token | sequence")
-  pl, clipped, approx_kl = rl.ppo_policy_loss(lp_eff, mb["old_logp"], adv, mask, gcfg.clip_low, gcfg.clip_high)
-  kl = rl.kl_estimate(lp, mb["ref_logp"], "k3") * mask
-  tok_loss = pl + gcfg.kl_coef * kl
-  loss = rl.aggregate(tok_loss, mask, gcfg.loss_norm, max_len, global_tokens)
-  n = jnp.maximum(mask.sum(), 1.0)
-  return loss, {"clipfrac": clipped.sum() / n, "approx_kl": approx_kl.sum() / n, "kl": kl.sum() / n,
-                "policy_loss": pl.sum() / n}
+    raise ValueError(f"grpo.importance={grpo_cfg.importance!r}: expected token | sequence")
+  pl_BN, clipped_BN, approx_kl_BN = rl.ppo_policy_loss(lp_eff_BN, old_BN, adv_BN, mask_BN, grpo_cfg.clip_low,
+                                                       grpo_cfg.clip_high)
+  kl_BN = rl.kl_estimate(lp_BN, ref_BN, "k3") * mask_BN
+  loss = rl.aggregate(pl_BN + grpo_cfg.kl_coef * kl_BN, mask_BN, grpo_cfg.loss_norm, max_len, global_tokens)
+  n = jnp.maximum(mask_BN.sum(), 1.0)
+  rows = jnp.maximum(mask_BN.shape[0], 1)
+  # kl: per response (summed over its tokens, averaged over rows), as PPO and the evals report it.
+  return loss, {"clipfrac": clipped_BN.sum() / n, "approx_kl": approx_kl_BN.sum() / n, "kl": kl_BN.sum() / rows,
+                "policy_loss": pl_BN.sum() / n}
 
 
-def grpo_update(state: TrainState, rollout: GroupRollout, rewards, rng, *, cfg, gcfg, temperature: float, tx,
-                schedule=None):
-  """Group advantages from `rewards` [B*G], then epochs x minibatches of the clipped surrogate."""
-  adv = rl.group_advantages(rewards, gcfg.group_size, gcfg.estimator, gcfg.scale)
-  n_rows, max_len = rollout.mask.shape
-  p = rollout.tokens.shape[1] - max_len
-  m = gcfg.minibatches
-  if n_rows % m:
-    raise ValueError(f"rollout rows {n_rows} (prompts x group_size) not divisible by grpo.minibatches={m}")
-  data = {"tokens": rollout.tokens, "positions": rollout.positions, "segment_ids": rollout.segment_ids,
-          "mask": rollout.mask, "old_logp": rollout.old_logp, "ref_logp": rollout.ref_logp, "advantages": adv}
-  global_tokens = rollout.mask.sum() / m
-  g = gcfg.group_size
+def total_rewards(rollout: Rollout, fn_values_BF, fn_weights_F, model_weight: float, has_model: bool):
+  """The sequence reward [B]: reward functions weighted, plus the reward model's score weighted."""
+  rewards_B = fn_values_BF @ jnp.asarray(fn_weights_F, jnp.float32)
+  return rewards_B + model_weight * rollout.scores_B if has_model else rewards_B
+
+
+def grpo_update(state: TrainState, rollout: Rollout, fn_values_BF, *, cfg, grpo_cfg, temperature: float, tx,
+                schedule=None, fn_names=(), fn_weights=(), model_weight: float = 1.0) -> tuple[TrainState, dict]:
+  """Rewards from the reward functions' values [B, F] (and the reward model's scores), group advantages,
+  then epochs x minibatches of the clipped surrogate. Returns the state one iteration on."""
+  has_model = "reward" in (state.frozen or {})
+  rewards_B = total_rewards(rollout, fn_values_BF, np.asarray(fn_weights, np.float32).reshape(-1), model_weight,
+                            has_model)
+  adv_B = rl.group_advantages(rewards_B, grpo_cfg.group_size, grpo_cfg.estimator, grpo_cfg.scale)
+  n_rows, max_len = rollout.mask_BN.shape
+  m, g = grpo_cfg.minibatches, grpo_cfg.group_size
+  data = {"tokens": rollout.tokens_BS, "positions": rollout.positions_BS, "segment_ids": rollout.segment_ids_BS,
+          "mask": rollout.mask_BN, "old_logp": rollout.old_logp_BN, "ref_logp": rollout.ref_logp_BN,
+          "advantages": adv_B}
+  global_tokens = rollout.mask_BN.sum() / m
   # Minibatches of whole groups (rows stay in group order), so each prompt runs once per group.
   group = g if g > 1 and (n_rows // g) % m == 0 else 1
+  inner = sub_state(state, state.params, state.opt_state, grpo_cfg.epochs * m, state.frozen)
 
   def mb_step(st, mb):
     (_, aux), grads = jax.value_and_grad(_loss, has_aux=True)(
-        st.params, mb, cfg=cfg, gcfg=gcfg, temperature=temperature, prompt_len=p, max_len=max_len,
-        global_tokens=global_tokens, group=group)
-    st, met = apply_update(st, grads, {"loss": aux["policy_loss"], **aux}, tx, schedule)
-    return st, met
+        st.params, mb, cfg=cfg, grpo_cfg=grpo_cfg, temperature=temperature, prompt_len=rollout.prompt_len,
+        max_len=max_len, global_tokens=global_tokens, group=group)
+    return apply_update(st, grads, {"loss": aux["policy_loss"], **aux}, tx, schedule)
 
-  def epoch(st, key):
-    if group > 1:
-      perm = (jax.random.permutation(key, n_rows // group)[:, None] * group + jnp.arange(group)).reshape(-1)
-    else:
-      perm = jax.random.permutation(key, n_rows)
-    mbs = jax.tree.map(lambda x: x[perm].reshape((m, n_rows // m) + x.shape[1:]), data)
-    return jax.lax.scan(mb_step, st, mbs)
+  k_update = jax.random.split(state.rng)[1]
+  inner, metrics = policy.minibatch_epochs(mb_step, inner, data, k_update, epochs=grpo_cfg.epochs, minibatches=m,
+                                           group=group, what="rollout rows (prompts x group_size)")
+  mask_BN = rollout.mask_BN
+  metrics.update(reward=rewards_B.mean(), reward_std=rewards_B.std(), advantage_abs=jnp.abs(adv_B).mean(),
+                 response_length=mask_BN.sum(-1).mean(),
+                 no_eos_fraction=1.0 - rollout.finished_B.astype(jnp.float32).mean(),
+                 kl_ref=metrics["kl"] if on_policy(grpo_cfg) or rollout.ref_logp_BN is None else
+                 jnp.sum(rl.kl_estimate(rollout.old_logp_BN, rollout.ref_logp_BN, "k3") * mask_BN, -1).mean())
+  if has_model:
+    metrics["score"] = rollout.scores_B.mean()
+  for i, name in enumerate(fn_names):
+    metrics[f"reward/{name}"] = fn_values_BF[:, i].mean()
+  return policy.finish_iteration(state, inner.params, inner.opt_state, [inner]), metrics
 
-  state, ms = jax.lax.scan(epoch, state, jax.random.split(rng, gcfg.epochs))
-  metrics = jax.tree.map(lambda x: x.mean() if x.dtype != jnp.int32 else x.max(), ms)
-  metrics.update(reward=rewards.mean(), reward_std=rewards.std(), advantage_abs=jnp.abs(adv).mean(),
-                 response_length=rollout.mask.sum(-1).mean(),
-                 no_eos_fraction=1.0 - rollout.finished.astype(jnp.float32).mean(),
-                 kl_ref=metrics["kl"] if on_policy(gcfg) or rollout.ref_logp is None else
-                 masked_mean(rl.kl_estimate(rollout.old_logp, rollout.ref_logp, "k3"), rollout.mask))
-  return state, metrics
+
+def grpo_iteration(state: TrainState, batch: dict, *, rollout: Callable, rewards: Callable, update: Callable):
+  """One GRPO iteration: `rollout(state, batch)` (jitted `group_rollout`), `rewards(rollout) -> [B, F]` on the
+  host (each process scores its own rows; a global array comes back), `update(state, rollout, values)`
+  (jitted `grpo_update`, state donated)."""
+  ro = rollout(state, batch)
+  return update(state, ro, rewards(ro))

@@ -1,171 +1,125 @@
-"""PPO for RLHF as two pure functions: `make_experience` (rollout -> scores -> advantages) and `ppo_update`
-(epochs x minibatches of clipped policy and value losses, as nested scans).
+"""PPO for RLHF as pure functions: `make_experience` (rollout -> scores -> advantages), `ppo_update` (epochs x
+minibatches of clipped policy and value losses) and `ppo_iteration`, the two composed: the unit the driver
+runs, jitted once (purejaxrl's `_update_step`).
 
-State: `PPOState(policy, value, kl_coef, iteration)`; the policy's `frozen` holds the reference and the
-reward model ({'model', 'head'}); the value model is a decoder with a scalar head.
+State: one `TrainState` with params {'model': policy, 'value': {'model', 'head'}}, opt_state {'policy',
+'value'} and extra {'kl_coef'}; `frozen` holds the reference and the reward model ({'model', 'head'}).
+Shapes as in `steps.policy`: B rows, P prompt columns, N response columns, S = P + N.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
-from jaxalign import sampling, sharding
+from jaxalign import sharding
 from jaxalign.losses import rl
-from jaxalign.losses.lm import masked_mean, token_entropy, token_logprobs
-from jaxalign.models import heads, transformer
-from jaxalign.steps.state import TrainState, apply_update
+from jaxalign.losses.lm import masked_mean
+from jaxalign.steps import policy
+from jaxalign.steps.policy import Rollout
+from jaxalign.steps.state import TrainState, apply_update, create, sub_state
 
 
-class PPOState(NamedTuple):
-  policy: TrainState
-  value: TrainState
-  kl_coef: jax.Array  # float32, adapted by the KL controller.
-  iteration: jax.Array  # int32.
+def create_state(policy_params, value_params, policy_tx, value_tx, seed: int, kl_coef: float, frozen) -> TrainState:
+  """`policy_params` = {'model': ...}; `value_params` = {'model', 'head'}."""
+  opt_state = {"policy": policy_tx.init(policy_params), "value": value_tx.init(value_params)}
+  return create({"model": policy_params["model"], "value": value_params}, None, seed, frozen=frozen,
+                extra={"kl_coef": jnp.asarray(kl_coef, jnp.float32)}, opt_state=opt_state)
 
 
-class Rollout(NamedTuple):
-  tokens: jax.Array  # [B, P + N]
-  positions: jax.Array
-  segment_ids: jax.Array
-  mask: jax.Array  # [B, N] response tokens.
-  old_logp: jax.Array  # [B, N]
-  ref_logp: jax.Array
-  old_values: jax.Array
-  advantages: jax.Array
-  returns: jax.Array
-  scores: jax.Array  # [B]
-
-
-def response_logprobs(cfg, params, tokens, positions, segment_ids, prompt_len: int, temperature: float,
-                      with_entropy: bool = False, group: int = 1):
-  """Log-probs [B, N] (and entropy) of the response tokens under logits / temperature.
-
-  `group` > 1: rows come in groups of that many responses to one prompt (GRPO's layout, rows i * group + j),
-  and the prompt is run once per group (`shared_prefix_logits`)."""
-  if group > 1:
-    logits = shared_prefix_logits(cfg, params, tokens, positions, segment_ids, prompt_len, group)
-  else:
-    logits, _ = transformer.forward(cfg, params, tokens, positions, segment_ids,
-                                    logits_at=slice(prompt_len - 1, tokens.shape[1] - 1))
-  logits = logits / temperature
-  lp = token_logprobs(logits, tokens[:, prompt_len:])
-  return (lp, token_entropy(logits)) if with_entropy else lp
-
-
-def shared_prefix_logits(cfg, params, tokens, positions, segment_ids, prompt_len: int, group: int):
-  """Logits [B, N, V] predicting the response tokens, where each run of `group` rows shares its prompt.
-
-  The prompt goes through the model once per group, into a KV cache; the cache is repeated `group` times and
-  the responses attend to it. Exact (the same logits as a full forward of every row); the gradient reaches
-  the prompt's keys and values summed over its group. It saves (group - 1) / group of the prompt's compute
-  in the reference, old-policy and training passes."""
-  bg, t = tokens.shape
-  b, p = bg // group, prompt_len
-  first = lambda x: x[:, :p].reshape(b, group, p)[:, 0]  # noqa: E731 - the group's prompt (identical rows).
-  model = transformer.bind(cfg, params)
-  cache = transformer.init_cache(cfg, b, t - 1)
-  last, cache = model(first(tokens), first(positions), first(segment_ids), cache, logits_at=slice(-1, None))
-  resp, _ = model(tokens[:, p:t - 1], positions[:, p:t - 1], segment_ids[:, p:t - 1],
-                  transformer.repeat_cache(cache, group))
-  return jnp.concatenate([jnp.repeat(last, group, axis=0), resp], axis=1)
-
-
-def response_values(cfg, params, tokens, positions, segment_ids, prompt_len: int):
-  """V(state before each response token) [B, N]."""
-  v = heads.token_values(cfg, params["model"], params["head"], tokens, positions, segment_ids)
-  return v[:, prompt_len - 1:-1]
-
-
-def score_sequences(cfg, reward_params, tokens, positions, segment_ids):
-  return heads.sequence_scores(cfg, reward_params["model"], reward_params["head"], tokens, positions, segment_ids)
-
-
-def make_experience(state: PPOState, prompts, prompt_mask, rng, *, cfg, pcfg, rcfg, stop_ids, pad_id):
-  """Rollout and everything the update needs, all on device. `pcfg`: ppo group; `rcfg`: rollout group."""
-  p = prompts.shape[1]
-  pol = state.policy
-  s = sampling.generate(cfg, pol.params["model"], prompts, prompt_mask, rng, max_new_tokens=rcfg.max_new_tokens,
-                        temperature=rcfg.temperature, top_k=rcfg.top_k, top_p=rcfg.top_p, stop_ids=stop_ids,
-                        pad_id=pad_id)
-  tokens, pos, seg = sampling.sequences(prompts, prompt_mask, s)
-  mask = s.mask
-  old_logp, ent = response_logprobs(cfg, pol.params["model"], tokens, pos, seg, p, rcfg.temperature, True)
-  # Each model's pass waits for the previous one (sharding.after: one collective order on every device).
-  ref_logp = response_logprobs(cfg, pol.frozen["reference"], *sharding.after((tokens, pos, seg), old_logp), p,
-                               rcfg.temperature)
-  score = score_sequences(cfg, pol.frozen["reward"], *sharding.after((tokens, pos, seg), ref_logp))
-  raw_score = score
-  length = mask.sum(-1)
-  score = score - pcfg.missing_eos_penalty * (~s.finished).astype(jnp.float32) - pcfg.length_penalty * length
-  values = response_values(cfg, state.value.params, *sharding.after((tokens, pos, seg), score), p) * mask
-  rewards, kl = rl.token_rewards(score, old_logp, ref_logp, mask, state.kl_coef, pcfg.kl_estimator)
-  adv, ret = rl.gae(rewards, values, mask, pcfg.gamma, pcfg.lam)
-  if pcfg.whiten_advantages:
-    adv = rl.whiten(adv, mask)
-  ro = Rollout(tokens, pos, seg, mask, old_logp * mask, ref_logp * mask, values, adv, ret, score)
-  kl_seq = kl.sum(-1)
-  metrics = {"score": raw_score.mean(), "score_shaped": score.mean(), "kl": kl_seq.mean(),
-             "entropy": masked_mean(ent, mask), "response_length": length.mean(),
-             "no_eos_fraction": 1.0 - s.finished.astype(jnp.float32).mean(), "kl_coef": state.kl_coef,
-             "reward_std": raw_score.std()}
+def make_experience(state: TrainState, prompts_BP, prompt_mask_BP, rng, *, cfg, ppo_cfg, rollout_cfg, stop_ids,
+                    pad_id) -> tuple[Rollout, dict]:
+  """Rollout and everything the update needs, all on device."""
+  p = prompts_BP.shape[1]
+  pol = state.params["model"]
+  s, *seqs = policy.sample(cfg, pol, prompts_BP, prompt_mask_BP, rng, rollout_cfg, stop_ids=stop_ids,
+                           pad_id=pad_id)
+  mask_BN = s.mask
+  old_BN, ent_BN = policy.response_logprobs(cfg, pol, *seqs, p, rollout_cfg.temperature, True)
+  ref_BN, raw_B = policy.frozen_passes(cfg, state.frozen, tuple(seqs), old_BN, p, rollout_cfg.temperature)
+  length_B = mask_BN.sum(-1)
+  score_B = raw_B - ppo_cfg.missing_eos_penalty * (~s.finished).astype(jnp.float32) - \
+      ppo_cfg.length_penalty * length_B
+  values_BN = policy.response_values(cfg, state.params["value"], *sharding.after(tuple(seqs), score_B), p) * mask_BN
+  kl_coef = state.extra["kl_coef"]
+  rewards_BN, kl_BN = rl.token_rewards(score_B, old_BN, ref_BN, mask_BN, kl_coef, ppo_cfg.kl_estimator)
+  adv_BN, ret_BN = rl.gae(rewards_BN, values_BN, mask_BN, ppo_cfg.gamma, ppo_cfg.lam)
+  if ppo_cfg.whiten_advantages:
+    adv_BN = rl.whiten(adv_BN, mask_BN)
+  ro = Rollout(*seqs, mask_BN, old_BN * mask_BN, ref_BN * mask_BN, score_B, s.finished, values_BN, adv_BN, ret_BN)
+  metrics = {"score": raw_B.mean(), "score_shaped": score_B.mean(), "kl": kl_BN.sum(-1).mean(),
+             "entropy": masked_mean(ent_BN, mask_BN), "response_length": length_B.mean(),
+             "no_eos_fraction": 1.0 - s.finished.astype(jnp.float32).mean(), "kl_coef": kl_coef,
+             "reward_std": raw_B.std()}
   return ro, metrics
 
 
-def _policy_loss(pol_params, mb: Rollout, *, cfg, pcfg, temperature, prompt_len):
-  lp = response_logprobs(cfg, pol_params["model"], mb.tokens, mb.positions, mb.segment_ids, prompt_len, temperature)
-  pl, clipped, approx_kl = rl.ppo_policy_loss(lp, mb.old_logp, mb.advantages, mb.mask, pcfg.clip)
-  n = jnp.maximum(mb.mask.sum(), 1.0)
-  pol_loss = pl.sum() / n
-  return pol_loss, {"policy_loss": pol_loss, "clipfrac": clipped.sum() / n, "approx_kl": approx_kl.sum() / n}
+def _policy_loss(pol_params, mb: Rollout, *, cfg, ppo_cfg, temperature):
+  lp_BN = policy.response_logprobs(cfg, pol_params["model"], mb.tokens_BS, mb.positions_BS, mb.segment_ids_BS,
+                                   mb.prompt_len, temperature)
+  pl_BN, clipped_BN, approx_kl_BN = rl.ppo_policy_loss(lp_BN, mb.old_logp_BN, mb.advantages_BN, mb.mask_BN,
+                                                       ppo_cfg.clip)
+  n = jnp.maximum(mb.mask_BN.sum(), 1.0)
+  loss = pl_BN.sum() / n
+  return loss, {"policy_loss": loss, "clipfrac": clipped_BN.sum() / n, "approx_kl": approx_kl_BN.sum() / n}
 
 
-def _value_loss(val_params, mb: Rollout, *, cfg, pcfg, prompt_len):
-  v = response_values(cfg, val_params, mb.tokens, mb.positions, mb.segment_ids, prompt_len)
-  vl, vclip = rl.ppo_value_loss(v, mb.old_values, mb.returns, mb.mask, pcfg.vf_clip)
-  n = jnp.maximum(mb.mask.sum(), 1.0)
-  loss = vl.sum() / n
-  return loss, {"value_loss": loss, "value_clipfrac": vclip.sum() / n}
+def _value_loss(val_params, mb: Rollout, *, cfg, ppo_cfg):
+  v_BN = policy.response_values(cfg, val_params, mb.tokens_BS, mb.positions_BS, mb.segment_ids_BS, mb.prompt_len)
+  vl_BN, vclip_BN = rl.ppo_value_loss(v_BN, mb.values_BN, mb.returns_BN, mb.mask_BN, ppo_cfg.vf_clip)
+  n = jnp.maximum(mb.mask_BN.sum(), 1.0)
+  loss = vl_BN.sum() / n
+  return loss, {"value_loss": loss, "value_clipfrac": vclip_BN.sum() / n}
 
 
-def ppo_update(state: PPOState, rollout: Rollout, rng, *, cfg, pcfg, temperature: float, pol_tx, val_tx,
-               pol_schedule=None, val_schedule=None):
-  """`pcfg.epochs` passes of `pcfg.minibatches` shuffled minibatches; both models updated per minibatch."""
-  p = rollout.tokens.shape[1] - rollout.mask.shape[1]
-  b = rollout.mask.shape[0]
-  m = pcfg.minibatches
-  if b % m:
-    raise ValueError(f"rollout.batch_size={b} is not divisible by ppo.minibatches={m}")
+def ppo_update(state: TrainState, rollout: Rollout, rng, *, cfg, ppo_cfg, temperature: float, policy_tx, value_tx,
+               policy_schedule=None, value_schedule=None) -> tuple[TrainState, dict]:
+  """`ppo_cfg.epochs` passes of `ppo_cfg.minibatches` shuffled minibatches; both models updated per minibatch;
+  then the adaptive KL controller. Returns the state one iteration on."""
+  b = rollout.mask_BN.shape[0]
+  per_iteration = ppo_cfg.epochs * ppo_cfg.minibatches
+  pol0 = sub_state(state, {"model": state.params["model"]}, state.opt_state["policy"], per_iteration)
+  val0 = sub_state(state, state.params["value"], state.opt_state["value"], per_iteration)
 
-  def mb_step(carry, mb):
+  def mb_step(carry, mb: Rollout):
     pol, val = carry
-    (_, pm), g = jax.value_and_grad(_policy_loss, has_aux=True)(
-        pol.params, mb, cfg=cfg, pcfg=pcfg, temperature=temperature, prompt_len=p)
-    pol, pm = apply_update(pol, g, {"loss": pm["policy_loss"], **pm}, pol_tx, pol_schedule)
+    (_, pm), g = jax.value_and_grad(_policy_loss, has_aux=True)(pol.params, mb, cfg=cfg, ppo_cfg=ppo_cfg,
+                                                                temperature=temperature)
+    pol, pm = apply_update(pol, g, {"loss": pm["policy_loss"], **pm}, policy_tx, policy_schedule)
     mb = sharding.after(mb, pm["grad_norm"])  # The value pass after the policy's (see sharding.after).
-    (_, vm), vg = jax.value_and_grad(_value_loss, has_aux=True)(val.params, mb, cfg=cfg, pcfg=pcfg, prompt_len=p)
-    val, vm = apply_update(val, vg, {"loss": vm["value_loss"], **vm}, val_tx, val_schedule)
+    (_, vm), vg = jax.value_and_grad(_value_loss, has_aux=True)(val.params, mb, cfg=cfg, ppo_cfg=ppo_cfg)
+    val, vm = apply_update(val, vg, {"loss": vm["value_loss"], **vm}, value_tx, value_schedule)
     out = {**{k: v for k, v in pm.items() if k != "loss"}, "value_loss": vm["value_loss"],
            "value_clipfrac": vm["value_clipfrac"], "value_grad_norm": vm["grad_norm"],
            "nonfinite": jnp.maximum(pm["nonfinite"], vm["nonfinite"])}
     return (pol, val), out
 
-  def epoch(carry, key):
-    perm = jax.random.permutation(key, b)
-    mbs = jax.tree.map(lambda x: x[perm].reshape((m, b // m) + x.shape[1:]), rollout)
-    return jax.lax.scan(mb_step, carry, mbs)
-
-  (pol, val), ms = jax.lax.scan(epoch, (state.policy, state.value), jax.random.split(rng, pcfg.epochs))
-  metrics = jax.tree.map(lambda x: x.mean() if x.dtype != jnp.int32 else x.max(), ms)
-  var_ret = masked_mean((rollout.returns - masked_mean(rollout.returns, rollout.mask)) ** 2, rollout.mask)
-  var_res = masked_mean((rollout.returns - rollout.old_values) ** 2, rollout.mask)
+  (pol, val), metrics = policy.minibatch_epochs(mb_step, (pol0, val0), rollout, rng, epochs=ppo_cfg.epochs,
+                                                minibatches=ppo_cfg.minibatches, what="rollout.batch_size rows")
+  ret_BN, mask_BN = rollout.returns_BN, rollout.mask_BN
+  var_ret = masked_mean((ret_BN - masked_mean(ret_BN, mask_BN)) ** 2, mask_BN)
+  var_res = masked_mean((ret_BN - rollout.values_BN) ** 2, mask_BN)
   metrics["explained_variance"] = 1.0 - var_res / jnp.maximum(var_ret, 1e-8)
   # Adaptive KL controller (Ziegler et al. 2019): move kl_coef so the sequence KL tracks target_kl.
-  kl_now = jnp.sum(rl.kl_estimate(rollout.old_logp, rollout.ref_logp, "k1") * rollout.mask, -1).mean()
-  kl_coef = state.kl_coef
-  if pcfg.target_kl > 0:
-    err = jnp.clip(kl_now / pcfg.target_kl - 1.0, -0.2, 0.2)
-    kl_coef = kl_coef * (1.0 + err * b / pcfg.kl_horizon)
-  return PPOState(pol, val, kl_coef, state.iteration + 1), metrics
+  kl_now = jnp.sum(rl.kl_estimate(rollout.old_logp_BN, rollout.ref_logp_BN, "k1") * mask_BN, -1).mean()
+  kl_coef = state.extra["kl_coef"]
+  if ppo_cfg.target_kl > 0:
+    err = jnp.clip(kl_now / ppo_cfg.target_kl - 1.0, -0.2, 0.2)
+    kl_coef = kl_coef * (1.0 + err * b / ppo_cfg.kl_horizon)
+  new = policy.finish_iteration(state, {"model": pol.params["model"], "value": val.params},
+                                {"policy": pol.opt_state, "value": val.opt_state}, [pol, val],
+                                extra={**state.extra, "kl_coef": kl_coef})
+  return new, metrics
+
+
+def ppo_iteration(state: TrainState, batch: dict, *, cfg, ppo_cfg, rollout_cfg, stop_ids, pad_id, policy_tx,
+                  value_tx, policy_schedule=None, value_schedule=None) -> tuple[TrainState, dict]:
+  """One PPO iteration, pure: sample responses to `batch` {'prompts', 'prompt_mask'} [B, P], score them,
+  compute advantages and update policy and value. Jit it with donation of `state`."""
+  k_sample, k_update = jax.random.split(state.rng)
+  ro, em = make_experience(state, batch["prompts"], batch["prompt_mask"], k_sample, cfg=cfg, ppo_cfg=ppo_cfg,
+                           rollout_cfg=rollout_cfg, stop_ids=stop_ids, pad_id=pad_id)
+  state, um = ppo_update(state, ro, k_update, cfg=cfg, ppo_cfg=ppo_cfg, temperature=rollout_cfg.temperature,
+                         policy_tx=policy_tx, value_tx=value_tx, policy_schedule=policy_schedule,
+                         value_schedule=value_schedule)
+  return state, {**em, **um}

@@ -17,11 +17,35 @@ class TrainState(NamedTuple):
   skipped: jax.Array  # int32: updates skipped for non-finite values (nan_policy=skip).
   loss_ema: jax.Array  # float32 running mean of the loss, for the spike guard (0 = unset).
   frozen: Any = None  # Models read but not trained (DPO/PPO reference, reward model); never checkpointed.
+  extra: Any = None  # Stage scalars that resume with the state (PPO: {'kl_coef'}); checkpointed with `meta`.
 
 
-def create(params, tx: optax.GradientTransformation, seed: int, frozen=None) -> TrainState:
-  return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.PRNGKey(seed),
-                    jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32), frozen)
+def create(params, tx: optax.GradientTransformation, seed: int, frozen=None, extra=None, opt_state=None) -> TrainState:
+  """A fresh state (`opt_state` given: PPO's two optimizers, built by its stage)."""
+  opt_state = tx.init(params) if opt_state is None else opt_state
+  return TrainState(jnp.zeros((), jnp.int32), params, opt_state, jax.random.PRNGKey(seed),
+                    jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32), frozen, extra)
+
+
+def checkpoint_items(state: TrainState) -> dict:
+  """What a checkpoint holds of a state: everything but `frozen` (recorded in run.json instead)."""
+  meta = {"step": state.step, "rng": state.rng, "skipped": state.skipped, "loss_ema": state.loss_ema}
+  if state.extra:
+    meta["extra"] = state.extra
+  return {"params": state.params, "opt_state": state.opt_state, "meta": meta}
+
+
+def from_items(items: dict, frozen=None) -> TrainState:
+  m = items["meta"]
+  return TrainState(m["step"], items["params"], items["opt_state"], m["rng"], m["skipped"], m["loss_ema"], frozen,
+                    m.get("extra"))
+
+
+def sub_state(state: TrainState, params, opt_state, updates_per_step: int, frozen=None) -> TrainState:
+  """The state an inner optimizer loop (PPO/GRPO epochs x minibatches) runs on: its `step` counts optimizer
+  updates (what the learning-rate schedule reads), while the outer state's `step` counts iterations."""
+  return TrainState(state.step * updates_per_step, params, opt_state, state.rng, jnp.zeros((), jnp.int32),
+                    state.loss_ema, frozen)
 
 
 def split_microbatches(batch: dict, n: int) -> dict:
@@ -86,7 +110,7 @@ def apply_update(state: TrainState, grads, metrics: dict, tx: optax.GradientTran
   new_state = TrainState(
       step=state.step + 1, params=keep(new_params, state.params), opt_state=keep(new_opt, state.opt_state),
       rng=jax.random.fold_in(state.rng, state.step), skipped=state.skipped + (~ok).astype(jnp.int32),
-      loss_ema=jnp.where(ok, ema, state.loss_ema), frozen=state.frozen)
+      loss_ema=jnp.where(ok, ema, state.loss_ema), frozen=state.frozen, extra=state.extra)
   metrics = dict(metrics, grad_norm=gnorm, nonfinite=(~finite).astype(jnp.int32),
                  spike=spike.astype(jnp.int32))
   if schedule is not None:

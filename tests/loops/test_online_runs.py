@@ -6,7 +6,7 @@ import os
 import jax
 import numpy as np
 
-from jaxalign.loops import online
+from jaxalign.loops import stages
 from tests.conftest import load_config
 
 GOLD = "jaxalign.data.tasks.reviews:gold_reward_fn"
@@ -28,7 +28,7 @@ def _ppo_cfg(task_sft, task_rm, **kw):
 
 def test_ppo_raises_model_and_gold_reward_with_kl_controlled(task_sft, task_rm, tmp_path):
   wd = str(tmp_path / "ppo")
-  online.train_ppo(_ppo_cfg(task_sft, task_rm, train__steps=30, eval__every=30, ppo__target_kl=1.0,
+  stages.train(_ppo_cfg(task_sft, task_rm, train__steps=30, eval__every=30, ppo__target_kl=1.0,
                             ppo__kl_horizon=200), wd)
   ev = _rows(wd, "eval")
   first, last = ev[0], ev[-1]
@@ -48,13 +48,13 @@ def test_ppo_raises_model_and_gold_reward_with_kl_controlled(task_sft, task_rm, 
 
 def test_ppo_resume_is_exact(task_sft, task_rm, tmp_path):
   kw = dict(train__steps=6, eval__every=0, checkpoint__every=3, logging__every=1, eval__max_batches=1)
-  a = online.train_ppo(_ppo_cfg(task_sft, task_rm, **kw), str(tmp_path / "a"))
-  online.train_ppo(_ppo_cfg(task_sft, task_rm, train__run_steps=3, **kw), str(tmp_path / "b"))
-  b = online.train_ppo(_ppo_cfg(task_sft, task_rm, **kw), str(tmp_path / "b"))
+  a = stages.train(_ppo_cfg(task_sft, task_rm, **kw), str(tmp_path / "a"))
+  stages.train(_ppo_cfg(task_sft, task_rm, train__run_steps=3, **kw), str(tmp_path / "b"))
+  b = stages.train(_ppo_cfg(task_sft, task_rm, **kw), str(tmp_path / "b"))
   la = [(r["score"], r["policy_loss"]) for r in _rows(str(tmp_path / "a"), "train")]
   lb = [(r["score"], r["policy_loss"]) for r in _rows(str(tmp_path / "b"), "train")]
   assert la == lb and len(la) == 6
-  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a["params"], b["params"])
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a.params, b.params)
 
 
 def test_grpo_raises_python_reward(task_sft, tmp_path):
@@ -63,7 +63,7 @@ def test_grpo_raises_python_reward(task_sft, tmp_path):
                     data__eval=task_sft["prompts_eval"], reward__functions=(GOLD,), reward__eval_functions=(GOLD, FLUENT),
                     optimizer__learning_rate=3e-4, train__steps=30, eval__every=30, eval__max_batches=8,
                     logging__progress=False, logging__tensorboard=False, export__hf=False)
-  online.train_grpo(cfg, wd)
+  stages.train(cfg, wd)
   ev = _rows(wd, "eval")
   print(f"GRPO eval gold {ev[0]['reward/gold_reward_fn']:.3f} -> {ev[-1]['reward/gold_reward_fn']:.3f}")
   assert ev[-1]["reward/gold_reward_fn"] > ev[0]["reward/gold_reward_fn"] + 0.2
@@ -76,5 +76,5 @@ def test_grpo_variants_run(task_sft, tmp_path):
     cfg = load_config("grpo", f"{variant},tiny", model__init=task_sft["sft"], data__train=task_sft["prompts_train"],
                       data__eval=task_sft["prompts_eval"], reward__functions=(GOLD,), train__steps=2, eval__every=0,
                       eval__max_batches=1, logging__progress=False, logging__tensorboard=False, export__hf=False)
-    online.train_grpo(cfg, wd)
+    stages.train(cfg, wd)
     assert all(np.isfinite(r["loss"]) for r in _rows(wd, "train")), variant

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from jaxalign.data import batching
-from jaxalign.loops import preference
+from jaxalign.data import datasets
+from jaxalign.loops import stages
 from jaxalign.models import heads, hf
 from tests.conftest import load_config
 
@@ -39,7 +40,7 @@ def test_reward_model_via_cli_matches_gold_and_exports(task_sft, task_rm):
   tok = transformers.AutoTokenizer.from_pretrained(exp)
   rcfg = load_config("reward", "tiny", model__init=task_sft["sft"], data__train=task_sft["pref_train"],
                      data__eval=task_sft["pref_eval"])
-  _, evals, _ = preference.pair_examples(rcfg, tok)
+  _, evals, _ = datasets.pair_examples(rcfg, tok)
   b = batching.eval_pair_batches(evals[:8], batch_size=8, seq_len=64)[0]
   toks, seg = b["tokens"].reshape(16, -1), b["segment_ids"].reshape(16, -1)
   toks = np.where(seg > 0, toks, tok.pad_token_id)
@@ -59,7 +60,7 @@ def _dpo_cfg(task_sft, **kw):
 
 def test_dpo_raises_heldout_accuracy_and_margin(task_sft, tmp_path):
   wd = str(tmp_path / "dpo")
-  preference.train_dpo(_dpo_cfg(task_sft, train__steps=60, eval__every=20, optimizer__learning_rate=5e-4), wd)
+  stages.train(_dpo_cfg(task_sft, train__steps=60, eval__every=20, optimizer__learning_rate=5e-4), wd)
   ev = _rows(wd, "eval")
   print("DPO held-out:", [(r["step"], round(r["rewards/accuracies"], 3), round(r["rewards/margins"], 3)) for r in ev])
   assert ev[-1]["rewards/accuracies"] > 0.6  # At step 0 policy == reference: accuracy 0, margin 0.
@@ -72,7 +73,7 @@ def test_precomputed_reference_equals_live(task_sft, tmp_path):
   losses = []
   for pre in (False, True):
     wd = str(tmp_path / f"pre{pre}")
-    preference.train_dpo(_dpo_cfg(task_sft, train__steps=4, eval__every=0, reference__precompute=pre,
+    stages.train(_dpo_cfg(task_sft, train__steps=4, eval__every=0, reference__precompute=pre,
                                   optimizer__learning_rate=5e-4, checkpoint__every=100), wd)
     losses.append([r["loss"] for r in _rows(wd, "train")] + [_rows(wd, "eval")[-1]["loss"]])
   np.testing.assert_allclose(losses[0], losses[1], rtol=0, atol=1e-5)
@@ -82,7 +83,7 @@ def test_precomputed_reference_equals_live(task_sft, tmp_path):
 def test_reference_free_and_kto_run(task_sft, tmp_path):
   for lt in ("simpo", "orpo", "ipo"):
     wd = str(tmp_path / lt)
-    preference.train_dpo(_dpo_cfg(task_sft, train__steps=3, eval__every=0, loss__type=lt), wd)
+    stages.train(_dpo_cfg(task_sft, train__steps=3, eval__every=0, loss__type=lt), wd)
     assert all(np.isfinite(r["loss"]) for r in _rows(wd, "train"))
     assert ("reference" in json.load(open(os.path.join(wd, "run.json")))["sources"]) == (lt == "ipo")
   rows = [json.loads(x) for x in open(task_sft["pref_train"])][:200]
@@ -91,6 +92,6 @@ def test_reference_free_and_kto_run(task_sft, tmp_path):
   path = tmp_path / "kto.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in kto_rows))
   wd = str(tmp_path / "kto")
-  preference.train_dpo(_dpo_cfg(task_sft, train__steps=3, eval__every=0, loss__type="kto", data__train=str(path),
+  stages.train(_dpo_cfg(task_sft, train__steps=3, eval__every=0, loss__type="kto", data__train=str(path),
                                 data__eval="", data__eval_fraction=0.1), wd)
   assert all(np.isfinite(r["loss"]) for r in _rows(wd, "train"))

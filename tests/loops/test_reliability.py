@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 
 from jaxalign import checkpoint
-from jaxalign.data import batching
-from jaxalign.loops import offline, setup
-from jaxalign.loops.offline import NonFiniteError
+from jaxalign.loops import driver, setup, sft
+from jaxalign.loops.driver import NonFiniteError
 from jaxalign.models import transformer
 from jaxalign.models.config import preset
 from tests.conftest import load_config
@@ -123,21 +122,10 @@ def _nan_run(tiny, wd, policy):
                     train__steps=8, train__nan_policy=policy, checkpoint__every=2, eval__every=0,
                     logging__every=1, logging__progress=False, logging__tensorboard=False, export__hf=False,
                     train__batch_size=8)
-  mesh, tok, model_cfg, params, source = offline.prepare(cfg, wd)
-  offline.record_run(wd, cfg, model_cfg, {"model": source})
-  train, evals, _ = offline.sft_examples(cfg, tok)
-  import functools
-  import jax
-  from jaxalign.metrics import MetricWriter
-  from jaxalign.optim import make_optimizer
-  from jaxalign.steps import sft as sft_steps
-  from jaxalign.steps.state import create
-  tx, sched = make_optimizer(cfg.optimizer, params, 8)
-  state = jax.jit(functools.partial(create, tx=tx, seed=0))(params)
-  it = _NaNAt(batching.BatchIterator(train, batch_size=8, seq_len=64, seed=0, pack=True), at=5)
-  stage = offline.Stage("sft", functools.partial(sft_steps.sft_step, model_cfg=model_cfg, tx=tx, schedule=sched),
-                        None, None)
-  return offline.fit(cfg, wd, stage, state, mesh, it, [], MetricWriter(wd, "sft", False))
+  parts = sft.build(cfg, wd)
+  parts.batches = _NaNAt(parts.batches, at=5)
+  parts.evaluate = None
+  return driver.run(parts, cfg, wd)
 
 
 def test_nan_batch_skip_policy(tiny, tmp_path):
@@ -196,9 +184,9 @@ def test_missing_field_and_empty_prompt():
 
 def test_text_that_tokenizes_to_nothing(tiny):
   import transformers
-  from jaxalign.data import tokenize
+  from jaxalign.data import examples
   from jaxalign.data.sources import DataError
   tok = transformers.AutoTokenizer.from_pretrained(tiny["tokenizer"])
   with pytest.raises(DataError, match="f row 2: record tokenizes to no trainable tokens"):
-    tokenize.sft_example(tok, {"prompt": "a", "completion": ""}, "prompt_completion", "f row 2",
+    examples.sft_example(tok, {"prompt": "a", "completion": ""}, "prompt_completion", "f row 2",
                          completion_only=True, add_eos=False)

@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import torch
 
-from jaxalign.data import batching
-from jaxalign.loops import offline
+from jaxalign.data import batching, datasets
+from jaxalign.loops import stages
 from tests.conftest import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -44,7 +44,7 @@ def test_cli_sft_trains_and_export_matches_pytorch(tiny, tmp_path):
   model = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(wd, "export", "hf"), dtype=torch.float32)
   cfg = load_config("sft", "tiny", model__init=tiny["model"], data__train=tiny["train"], data__eval=tiny["eval"])
   tok = transformers.AutoTokenizer.from_pretrained(os.path.join(wd, "export", "hf"))
-  _, ev_examples, _ = offline.sft_examples(cfg, tok)
+  _, ev_examples, _ = datasets.sft_examples(cfg, tok)
   total, count = 0.0, 0.0
   for b in batching.eval_batches(ev_examples, batch_size=8, seq_len=cfg.train.seq_len):
     with torch.no_grad():
@@ -73,10 +73,10 @@ def _cfg(tiny, **kw):
 
 
 def test_resume_is_exact(tiny, tmp_path):
-  a = offline.train_sft(_cfg(tiny), str(tmp_path / "a"))
-  b1 = offline.train_sft(_cfg(tiny, train__run_steps=10), str(tmp_path / "b"))
+  a = stages.train(_cfg(tiny), str(tmp_path / "a"))
+  b1 = stages.train(_cfg(tiny, train__run_steps=10), str(tmp_path / "b"))
   assert int(b1.step) == 10
-  b = offline.train_sft(_cfg(tiny), str(tmp_path / "b"))
+  b = stages.train(_cfg(tiny), str(tmp_path / "b"))
   la = [r["loss"] for r in _rows(str(tmp_path / "a"), "train")]
   lb = [r["loss"] for r in _rows(str(tmp_path / "b"), "train")]
   assert len(la) == len(lb) == 20
@@ -90,7 +90,7 @@ def test_resume_is_exact(tiny, tmp_path):
 
 def test_padded_buckets_compile_once_per_bucket(tiny, tmp_path):
   wd = str(tmp_path / "p")
-  offline.train_sft(_cfg(tiny, data__pack=False, data__buckets=(40, 52), train__batch_size=4, train__steps=12, checkpoint__every=100),
+  stages.train(_cfg(tiny, data__pack=False, data__buckets=(40, 52), train__batch_size=4, train__steps=12, checkpoint__every=100),
                     wd)
   summary = _rows(wd, "summary")[0]
   assert 1 < summary["buckets"] <= 3

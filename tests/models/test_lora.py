@@ -11,7 +11,7 @@ import torch
 
 from jaxalign import sharding
 from jaxalign.data import batching
-from jaxalign.data.tokenize import Example, PairExample
+from jaxalign.data.examples import Example, PairExample
 from jaxalign.models import build, hf, lora, transformer as T
 from jaxalign.models.config import preset
 from jaxalign.optim import make_optimizer

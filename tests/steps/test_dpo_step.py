@@ -4,7 +4,7 @@ import jax
 import numpy as np
 
 from jaxalign.data import batching
-from jaxalign.data.tokenize import Example, PairExample
+from jaxalign.data.examples import Example, PairExample
 from jaxalign.models import transformer as T
 from jaxalign.models.config import preset
 from jaxalign.steps import dpo

@@ -7,7 +7,7 @@ import numpy as np
 from jaxalign import sampling
 from jaxalign.models import transformer as T
 from jaxalign.models.config import preset
-from jaxalign.steps import ppo
+from jaxalign.steps import policy
 
 CFG = preset("tiny")
 
@@ -30,7 +30,7 @@ def test_shared_prefix_logprobs_and_gradients_equal_the_full_forward():
   assert float(mask.sum()) < mask.size  # Some responses ended early (padding inside the response).
 
   def lp(p, group):
-    return ppo.response_logprobs(CFG, p, tokens, pos, seg, 8, 0.7, group=group) * mask
+    return policy.response_logprobs(CFG, p, tokens, pos, seg, 8, 0.7, group=group) * mask
 
   full, shared = lp(params, 1), lp(params, 3)
   np.testing.assert_allclose(np.asarray(shared), np.asarray(full), rtol=1e-5, atol=1e-5)

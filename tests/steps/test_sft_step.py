@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxalign.data import batching
-from jaxalign.data.tokenize import Example
+from jaxalign.data.examples import Example
 from jaxalign.models import transformer as T
 from jaxalign.models.config import preset
 from jaxalign.optim import make_optimizer

@@ -134,7 +134,7 @@ class ReviewTask:
 def write_task(directory: str, seed: int = 0, n_sft: int = 4000, n_pref: int = 2000, n_prompts: int = 1000,
                n_eval: int = 200, vocab_size: int = 512) -> dict[str, str]:
   """Write the task's JSONL files and a trained HF tokenizer; returns their paths."""
-  from jaxalign.data.tokenizer import train_tokenizer
+  from jaxalign.data.tasks.tokenizer import train_tokenizer
 
   os.makedirs(directory, exist_ok=True)
   task = ReviewTask(seed)

@@ -1,4 +1,4 @@
-"""Records -> validated, deduplicated, tokenised examples with a data report, shared by every stage."""
+"""Records -> validated, deduplicated, tokenised examples with a data report; and what each stage reads."""
 
 from __future__ import annotations
 
@@ -121,3 +121,76 @@ def train_eval(data_cfg, make: Callable[[dict, str], Any], *, length, truncated,
   for r in reports:
     logging.info("%s", r)
   return train, evals, reports
+
+
+# ----------------------------------------------------------------------------------------------- per stage
+
+def sft_examples(config, tok):
+  """Tokenised SFT train/eval examples and data reports (text, prompt/completion or messages records)."""
+  from jaxalign.data import examples
+  d = config.data
+
+  def make(row, where):
+    ex = examples.sft_example(tok, row, _sft_format(row), where, completion_only=d.completion_only,
+                              add_eos=d.add_eos)
+    return examples.fit_length(ex, config.train.seq_len, d.too_long, where)
+
+  return train_eval(d, make, length=len, truncated=lambda e: e.truncated, seed=config.seed)
+
+
+def _sft_format(row: dict) -> str:
+  if "messages" in row:
+    return "messages"
+  if "completion" in row:
+    return "prompt_completion"
+  return "text"
+
+
+def max_prompt_len(config) -> int:
+  """Pairs keep at most this many prompt tokens (their end) when too long for train.seq_len."""
+  return config.data.max_prompt_len or config.train.seq_len // 2
+
+
+def pair_examples(config, tok):
+  """Preference pairs (from prompt/chosen/rejected, implicit-prompt, ranked or rated records)."""
+  from jaxalign.data import examples
+  d = config.data
+
+  def make(row, where):
+    return examples.pair_example(tok, row, where, seq_len=config.train.seq_len,
+                                 max_prompt_len=max_prompt_len(config), add_eos=d.add_eos, too_long=d.too_long)
+
+  return train_eval(d, make, length=len, truncated=lambda p: p.truncated, seed=config.seed)
+
+
+def unpaired_examples(config, tok):
+  """KTO: (prompt, completion, label) rows -> pairs of (completion, KL-baseline row) with labels."""
+  from jaxalign.data import examples
+  ident = lambda row, where: (row, where)  # noqa: E731
+  train, evals, reports = train_eval(config.data, ident, length=lambda x: 0, truncated=lambda x: False,
+                                     seed=config.seed)
+  kw = dict(seq_len=config.train.seq_len, max_prompt_len=max_prompt_len(config), add_eos=config.data.add_eos)
+  train = examples.kto_examples(tok, train, **kw)
+  evals = examples.kto_examples(tok, evals, **kw) if evals else []
+  for r, exs in zip(reports, (train, evals)):
+    r.lengths = [len(e) for e in exs]
+    r.truncated = sum(e.truncated for e in exs)
+  return train, evals, reports
+
+
+def prompt_examples(config, tok, prompt_len: int):
+  """Prompt ids (their last `prompt_len` tokens) from any record with a `prompt` field (prompt-only, SFT or
+  preference data); each keeps the record's prompt as `text`."""
+  from jaxalign.data import examples
+  d = config.data.copy_and_resolve_references()
+  with d.unlocked():
+    d.format = "prompt"
+
+  def make(row, where):
+    ids = examples.prompt_ids(tok, row["prompt"], where)
+    ex = examples.Example(ids[-prompt_len:], np.zeros(min(len(ids), prompt_len), bool),
+                          truncated=len(ids) > prompt_len)
+    ex.text = row["prompt"]
+    return ex
+
+  return train_eval(d, make, length=len, truncated=lambda e: e.truncated, seed=config.seed)

@@ -12,7 +12,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512, chat_template: 
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
   from transformers import PreTrainedTokenizerFast
 
-  from jaxalign.data.tokenize import CHAT_TEMPLATES
+  from jaxalign.data.examples import CHAT_TEMPLATES
 
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

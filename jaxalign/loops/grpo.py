@@ -1,0 +1,88 @@
+"""The GRPO stage (and RLOO, Dr. GRPO, DAPO, GSPO): policy and reference from an SFT run, rewards from a
+reward model and/or Python functions. The step is `steps.grpo.grpo_iteration`: jitted rollout, the reward
+functions on the host (each process scores its own rows), jitted update. `Parts` for the driver."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+
+from jaxalign import sharding
+from jaxalign.data.prompts import pad_id, stop_ids
+from jaxalign.loops import driver, setup
+from jaxalign.loops.ppo import prompt_data, prompt_spec, rollout_settings
+from jaxalign.loops.sampled_eval import SampledEval
+from jaxalign.metrics import local_rows
+from jaxalign.rewards import functions as reward_functions
+from jaxalign.steps import grpo as grpo_steps
+
+
+class Iteration:
+  """`step(state, batch)` for the driver: `grpo_iteration` over the jitted halves and the host rewards."""
+
+  def __init__(self, rollout, update, functions, tok, mesh, response_len: int):
+    self.rollout, self.update, self.functions = rollout, update, functions
+    self.tok, self.mesh, self.response_len = tok, mesh, response_len
+
+  def rewards(self, ro) -> jax.Array:
+    """[B, F] reward-function values as a global array: each process decodes and scores its own rows."""
+    rows = local_rows(ro.mask_BN)
+    values = np.zeros((rows.shape[0], len(self.functions)), np.float32)
+    if self.functions:
+      comps = reward_functions.decode(self.tok, local_rows(ro.tokens_BS)[:, -self.response_len:], rows)
+      p = ro.tokens_BS.shape[1] - self.response_len
+      prompts = self.tok.batch_decode(local_rows(ro.tokens_BS)[:, :p], skip_special_tokens=True)
+      values = reward_functions.values(self.functions, prompts, comps)
+    return jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh), values)
+
+  def __call__(self, state, batch):
+    return grpo_steps.grpo_iteration(state, batch, rollout=self.rollout, rewards=self.rewards, update=self.update)
+
+  def compiles(self) -> int:
+    return self.rollout._cache_size() + self.update._cache_size()  # noqa: SLF001
+
+
+def build(config, workdir: str, *, mesh=None, abstract: bool = False) -> driver.Parts:
+  g = config.grpo
+  ro = rollout_settings(config)
+  mesh, tok, model_cfg, params, source = setup.prepare(config, workdir, mesh=mesh, abstract=abstract)
+  frozen, sources = setup.load_frozen(config, model_cfg, mesh, reference=g.kl_coef > 0,
+                                      reward=bool(config.reward.init), abstract=abstract)
+  sources["model"] = source
+  functions = reward_functions.load(config.reward.functions, config.reward.weights)
+  if not functions and "reward" not in frozen:
+    raise ValueError("GRPO needs a reward: set reward.init (a reward model) and/or reward.functions")
+  tx, sched = setup.optimizer(config, params, config.train.steps * g.epochs * g.minibatches)
+  state = setup.new_state(params, tx, config.seed, mesh, frozen=frozen, abstract=abstract)
+  state_sh = driver.state_shardings(state, mesh)
+  bs, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  pad, stops = pad_id(tok, model_cfg), stop_ids(tok, model_cfg)
+  rollout = jax.jit(functools.partial(grpo_steps.group_rollout, cfg=model_cfg, rollout_cfg=ro, grpo_cfg=g,
+                                      stop_ids=stops, pad_id=pad),
+                    in_shardings=(state_sh, bs), out_shardings=bs)
+  update = jax.jit(functools.partial(grpo_steps.grpo_update, cfg=model_cfg, grpo_cfg=g, temperature=ro.temperature,
+                                     tx=tx, schedule=sched, fn_names=tuple(n for n, _, _ in functions),
+                                     fn_weights=tuple(w for _, _, w in functions),
+                                     model_weight=config.reward.model_weight),
+                   in_shardings=(state_sh, bs, bs), out_shardings=(state_sh, rep), donate_argnums=(0,))
+  step = Iteration(rollout, update, functions, tok, mesh, ro.max_new_tokens)
+  parts = driver.Parts("grpo", state, step, None, mesh, baseline_eval=True, compiles=step.compiles)
+  if abstract:
+    prompts = prompt_spec(config, mesh)
+    rollout_spec = setup.concrete(jax.eval_shape(rollout, state, prompts), mesh)
+    rows = config.train.batch_size * g.group_size
+    values_spec = setup.batch_spec(mesh, {"v": ((rows, len(functions)), np.float32)})["v"]
+    parts.programs = {"rollout": (rollout, (state, prompts)), "update": (update, (state, rollout_spec, values_spec))}
+    return parts
+  parts.batches, evals = prompt_data(config, tok, workdir)
+  setup.record_run(workdir, config, model_cfg, sources)
+  ev = SampledEval(config, tok, model_cfg, mesh, evals, frozen, ro,
+                   reward_functions.load(config.reward.eval_functions or config.reward.functions),
+                   config.train.batch_size)
+  parts.evaluate = ev.evaluate_fn(f"{workdir}/eval_samples.jsonl")
+  if config.export.hf:
+    parts.export = lambda st: setup.export_hf(workdir, model_cfg, st.params["model"], tok,
+                                              dtype=config.export.dtype or None)
+  return parts

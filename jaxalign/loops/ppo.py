@@ -1,0 +1,96 @@
+"""The PPO stage: policy and reference from an SFT run, reward model and value model (fresh head) from a
+reward run; `steps.ppo.ppo_iteration` jitted once is the step. `Parts` for the driver."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+
+from jaxalign.data import datasets
+from jaxalign.data.prompts import PromptIterator, pad_id, stop_ids
+from jaxalign.loops import driver, setup
+from jaxalign.loops.sampled_eval import SampledEval
+from jaxalign.models import build as build_models
+from jaxalign.rewards import functions as reward_functions
+from jaxalign.steps import ppo as ppo_steps
+
+
+def rollout_settings(config):
+  """The sampler's settings: prompts of rollout.prompt_len tokens, answers filling the rest of train.seq_len."""
+  r = config.rollout
+  new = config.train.seq_len - r.prompt_len
+  if new < 1:
+    raise ValueError(f"train.seq_len={config.train.seq_len} leaves no room for a response after "
+                     f"rollout.prompt_len={r.prompt_len}: train.seq_len is the prompt plus the response")
+  return _Rollout(r.prompt_len, new, r.temperature, r.top_k, r.top_p)
+
+
+class _Rollout:
+  """Immutable sampler settings (what `steps.policy.sample` reads)."""
+
+  def __init__(self, prompt_len, max_new_tokens, temperature, top_k, top_p):
+    self.prompt_len, self.max_new_tokens = int(prompt_len), int(max_new_tokens)
+    self.temperature, self.top_k, self.top_p = float(temperature), int(top_k), float(top_p)
+
+
+def prompt_spec(config, mesh, rows: int | None = None) -> dict:
+  b = config.train.batch_size if rows is None else rows
+  return setup.batch_spec(mesh, {"prompts": ((b, config.rollout.prompt_len), np.int32),
+                                 "prompt_mask": ((b, config.rollout.prompt_len), np.int32)})
+
+
+def prompt_data(config, tok, workdir):
+  """Train prompt iterator, eval prompts; the data report written."""
+  train, evals, reports = datasets.prompt_examples(config, tok, config.rollout.prompt_len)
+  setup.write_reports(workdir, reports)
+  it = PromptIterator(train, batch_size=config.train.batch_size, prompt_len=config.rollout.prompt_len,
+                      seed=config.seed, pad_id=tok.pad_token_id)
+  return it, evals
+
+
+def build(config, workdir: str, *, mesh=None, abstract: bool = False) -> driver.Parts:
+  if not config.reward.init and not abstract:
+    raise ValueError("PPO needs reward.init: a reward-model run directory or HF sequence-classification model")
+  ro = rollout_settings(config)
+  mesh, tok, model_cfg, params, source = setup.prepare(config, workdir, mesh=mesh, abstract=abstract)
+  frozen, sources = setup.load_frozen(config, model_cfg, mesh, reference=True, reward=True, abstract=abstract)
+  sources["model"] = source
+  value_init = config.value.init or config.reward.init
+  vparams, sources["value"] = setup.load_model(value_init, model_cfg, mesh, jax.random.PRNGKey(config.seed + 1),
+                                               with_head=True, key="value.init", abstract=abstract)
+  if not abstract:  # A fresh value head on the reward model's decoder.
+    vparams["head"] = build_models.init_head_sharded(model_cfg, mesh, jax.random.PRNGKey(config.seed + 2))
+  p = config.ppo
+  updates = config.train.steps * p.epochs * p.minibatches
+  pol_tx, pol_sched = setup.optimizer(config, params, updates)
+  val_ocfg = config.optimizer.copy_and_resolve_references()
+  with val_ocfg.unlocked():
+    val_ocfg.learning_rate = config.value.learning_rate or config.optimizer.learning_rate
+    val_ocfg.freeze = ()
+  val_tx, val_sched = setup.optimizer(config, vparams, updates, val_ocfg)
+  make = functools.partial(ppo_steps.create_state, policy_tx=pol_tx, value_tx=val_tx, seed=config.seed,
+                           kl_coef=p.kl_coef, frozen=None)
+  if abstract:
+    state = setup.concrete(jax.eval_shape(jax.jit(make), params, vparams), mesh)._replace(frozen=frozen)
+  else:
+    state = jax.jit(make)(params, vparams)._replace(frozen=frozen)
+  pad, stops = pad_id(tok, model_cfg), stop_ids(tok, model_cfg)
+  step = driver.jit_step(functools.partial(
+      ppo_steps.ppo_iteration, cfg=model_cfg, ppo_cfg=p, rollout_cfg=ro, stop_ids=stops, pad_id=pad,
+      policy_tx=pol_tx, value_tx=val_tx, policy_schedule=pol_sched, value_schedule=val_sched), state, mesh)
+  parts = driver.Parts("ppo", state, step, None, mesh, baseline_eval=True,
+                       programs={"iteration": (step, (state, prompt_spec(config, mesh)))},
+                       compiles=step._cache_size)  # noqa: SLF001
+  if abstract:
+    return parts
+  parts.batches, evals = prompt_data(config, tok, workdir)
+  setup.record_run(workdir, config, model_cfg, sources)
+  ev = SampledEval(config, tok, model_cfg, mesh, evals, frozen, ro,
+                   reward_functions.load(config.reward.eval_functions), config.train.batch_size)
+  parts.evaluate = ev.evaluate_fn(f"{workdir}/eval_samples.jsonl")
+  if config.export.hf:
+    parts.export = lambda st: setup.export_hf(workdir, model_cfg, st.params["model"], tok,
+                                              dtype=config.export.dtype or None)
+  return parts

@@ -1,0 +1,105 @@
+"""Evaluation by sampling: the policy answers held-out prompts; the reward model, reward functions and KL to
+the reference score the answers. PPO's and GRPO's in-training eval and the evaluate stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxalign import sharding
+from jaxalign.data import batching
+from jaxalign.data.prompts import left_pad, stop_ids
+from jaxalign.metrics import fetch
+from jaxalign.rewards import functions as reward_functions
+from jaxalign.steps import policy
+
+
+@dataclasses.dataclass
+class SampledEval:
+  """`run(params)` samples every eval prompt (the last batch padded, never dropped) and scores the answers."""
+
+  config: Any
+  tok: Any
+  model_cfg: Any
+  mesh: Any
+  prompts: list
+  frozen: dict
+  rollout: Any  # Sampler settings (loops.ppo.rollout_settings).
+  functions: list
+  batch_size: int  # Prompts per sampling batch (global).
+
+  def __post_init__(self):
+    r = self.rollout
+    cfg, stops, pad = self.model_cfg, stop_ids(self.tok), self.tok.pad_token_id
+
+    def fn(params, frozen, batch, key):
+      s, *seqs = policy.sample(cfg, params, batch["prompts"], batch["prompt_mask"], key, r, stop_ids=stops,
+                               pad_id=pad)
+      p = batch["prompts"].shape[1]
+      lp_BN = policy.response_logprobs(cfg, params, *seqs, p, r.temperature)
+      ref_BN, scores_B = policy.frozen_passes(cfg, frozen, tuple(seqs), lp_BN, p, r.temperature)
+      out = {"tokens": s.tokens, "mask": s.mask, "finished": s.finished}
+      if ref_BN is not None:
+        out["kl"] = jnp.sum((lp_BN - ref_BN) * s.mask, -1)  # Per response (nats), as everywhere.
+      if "reward" in frozen:
+        out["score"] = scores_B
+      return out
+
+    # Outputs replicated: every process sees every row (small), so metrics agree across processes.
+    self._fn = jax.jit(fn, out_shardings=sharding.replicated(self.mesh))
+
+  def run(self, params) -> tuple[dict, list[dict]]:
+    """(metric means, one row per prompt: prompt, completion and its scores)."""
+    b = self.batch_size
+    key = jax.random.PRNGKey(self.config.seed + 991)
+    n = len(self.prompts)
+    if self.config.eval.max_batches:
+      n = min(n, self.config.eval.max_batches * b)
+    agg: dict[str, list] = {}
+    rows = []
+    for s in range(0, n, b):
+      chunk = self.prompts[s:min(s + b, n)]
+      real = len(chunk)
+      chunk = chunk + [chunk[-1]] * (b - real)  # A short last batch is padded; the padding is dropped below.
+      toks, mask = left_pad([e.ids for e in chunk], self.rollout.prompt_len, self.tok.pad_token_id)
+      sl = batching.host_rows(b)
+      bs = sharding.batch_sharding(self.mesh)
+      batch = {"prompts": jax.make_array_from_process_local_data(bs, toks[sl]),
+               "prompt_mask": jax.make_array_from_process_local_data(bs, mask[sl])}
+      out = {k: v[:real] for k, v in fetch(self._fn(params, self.frozen, batch, jax.random.fold_in(key, s))).items()}
+      comps = reward_functions.decode(self.tok, out["tokens"], out["mask"])
+      texts = [e.text if isinstance(e.text, str) else str(e.text) for e in chunk[:real]]
+      scores = {f"reward/{name}": reward_functions.values([(name, f, w)], texts, comps)[:, 0]
+                for name, f, w in self.functions}
+      for k in ("kl", "score"):
+        if k in out:
+          scores[k] = out[k]
+      scores["response_length"] = out["mask"].sum(-1)
+      scores["no_eos_fraction"] = 1 - out["finished"]
+      for k, v in scores.items():
+        agg.setdefault(k, []).extend(map(float, v))
+      for i, (p, c) in enumerate(zip(texts, comps)):
+        rows.append({"prompt": p, "completion": c, **{k: float(v[i]) for k, v in scores.items()}})
+    return {k: float(np.mean(v)) for k, v in agg.items()}, rows
+
+  def evaluate_fn(self, samples_path: str):
+    """The driver's `evaluate(state, step, final)`: the final eval also writes its samples (JSONL)."""
+    def evaluate(state, step, final):
+      del step
+      metrics, rows = self.run(state.params["model"])
+      if final:
+        write_jsonl(samples_path, rows)
+      return metrics
+    return evaluate
+
+
+def write_jsonl(path: str, rows: list[dict]):
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      for r in rows:
+        f.write(json.dumps(r) + "\n")

@@ -1,0 +1,146 @@
+"""What PPO and GRPO share: the rollout type, the policy's log-probs (with one prompt pass per group), value
+and reward-model passes, and the epochs x minibatches scan of an update.
+
+Shapes: B rollout rows (B = prompts x G in GRPO, rows i * G + j sharing prompt i), P prompt columns
+(left-padded), N response columns, S = P + N.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxalign import sampling, sharding
+from jaxalign.losses.lm import token_entropy, token_logprobs
+from jaxalign.models import heads, transformer
+from jaxalign.steps.state import TrainState
+
+
+class Rollout(NamedTuple):
+  """One batch of sampled responses and everything an update reads; PPO fills the value fields, GRPO leaves
+  them None (and `ref_logp_BN` is None without a reference model)."""
+
+  tokens_BS: jax.Array  # Prompt + response tokens.
+  positions_BS: jax.Array
+  segment_ids_BS: jax.Array
+  mask_BN: jax.Array  # Response tokens (1 up to and including the stop token).
+  old_logp_BN: jax.Array  # Sampling policy's log-probs (zeros when the update runs on-policy; see grpo.on_policy).
+  ref_logp_BN: jax.Array | None
+  scores_B: jax.Array  # Reward-model score of each response (0 without a reward model).
+  finished_B: jax.Array  # bool: the response ended with a stop token.
+  values_BN: jax.Array | None = None  # PPO: V(state before each response token).
+  advantages_BN: jax.Array | None = None  # PPO: GAE.
+  returns_BN: jax.Array | None = None  # PPO: value targets.
+
+  @property
+  def prompt_len(self) -> int:
+    return self.tokens_BS.shape[1] - self.mask_BN.shape[1]
+
+
+def response_logprobs(cfg, params, tokens_BS, positions_BS, segment_ids_BS, prompt_len: int, temperature: float,
+                      with_entropy: bool = False, group: int = 1):
+  """Log-probs [B, N] (and entropy) of the response tokens under logits / temperature.
+
+  `group` > 1: rows come in groups of that many responses to one prompt (GRPO's layout), and the prompt is
+  run once per group (`shared_prefix_logits`)."""
+  if group > 1:
+    logits_BNV = shared_prefix_logits(cfg, params, tokens_BS, positions_BS, segment_ids_BS, prompt_len, group)
+  else:
+    logits_BNV, _ = transformer.forward(cfg, params, tokens_BS, positions_BS, segment_ids_BS,
+                                        logits_at=slice(prompt_len - 1, tokens_BS.shape[1] - 1))
+  logits_BNV = logits_BNV / temperature
+  lp_BN = token_logprobs(logits_BNV, tokens_BS[:, prompt_len:])
+  return (lp_BN, token_entropy(logits_BNV)) if with_entropy else lp_BN
+
+
+def shared_prefix_logits(cfg, params, tokens_BS, positions_BS, segment_ids_BS, prompt_len: int, group: int):
+  """Logits [B, N, V] predicting the response tokens, where each run of `group` rows shares its prompt.
+
+  The prompt goes through the model once per group, into a KV cache; the cache is repeated `group` times and
+  the responses attend to it. Exact (the same logits as a full forward of every row); the gradient reaches
+  the prompt's keys and values summed over its group. It saves (group - 1) / group of the prompt's compute
+  in the reference, old-policy and training passes."""
+  bg, s = tokens_BS.shape
+  b, p = bg // group, prompt_len
+  first = lambda x: x[:, :p].reshape(b, group, p)[:, 0]  # noqa: E731 - the group's prompt (identical rows).
+  model = transformer.bind(cfg, params)
+  cache = transformer.init_cache(cfg, b, s - 1)
+  last_b1V, cache = model(first(tokens_BS), first(positions_BS), first(segment_ids_BS), cache,
+                          logits_at=slice(-1, None))
+  resp_BnV, _ = model(tokens_BS[:, p:s - 1], positions_BS[:, p:s - 1], segment_ids_BS[:, p:s - 1],
+                      transformer.repeat_cache(cache, group))
+  return jnp.concatenate([jnp.repeat(last_b1V, group, axis=0), resp_BnV], axis=1)
+
+
+def response_values(cfg, params, tokens_BS, positions_BS, segment_ids_BS, prompt_len: int):
+  """V(state before each response token) [B, N]; `params` = {'model', 'head'}."""
+  v_BS = heads.token_values(cfg, params["model"], params["head"], tokens_BS, positions_BS, segment_ids_BS)
+  return v_BS[:, prompt_len - 1:-1]
+
+
+def score_sequences(cfg, reward_params, tokens_BS, positions_BS, segment_ids_BS):
+  """The reward model's scalar score [B] of each whole sequence; `reward_params` = {'model', 'head'}."""
+  return heads.sequence_scores(cfg, reward_params["model"], reward_params["head"], tokens_BS, positions_BS,
+                               segment_ids_BS)
+
+
+def sample(cfg, params, prompts_BP, prompt_mask_BP, rng, rollout_cfg, *, stop_ids, pad_id, num_samples: int = 1):
+  """Responses to the prompts (`num_samples` per prompt from one prefill): (sample, tokens, positions, segments)
+  with the prompts repeated to match."""
+  s = sampling.generate(cfg, params, prompts_BP, prompt_mask_BP, rng, max_new_tokens=rollout_cfg.max_new_tokens,
+                        temperature=rollout_cfg.temperature, top_k=rollout_cfg.top_k, top_p=rollout_cfg.top_p,
+                        stop_ids=stop_ids, pad_id=pad_id, num_samples=num_samples)
+  if num_samples > 1:
+    prompts_BP = jnp.repeat(prompts_BP, num_samples, axis=0)
+    prompt_mask_BP = jnp.repeat(prompt_mask_BP, num_samples, axis=0)
+  return (s, *sampling.sequences(prompts_BP, prompt_mask_BP, s))
+
+
+def frozen_passes(cfg, frozen, seqs, after, prompt_len: int, temperature: float, group: int = 1):
+  """Reference log-probs [B, N] (None without a reference) and reward-model scores [B] (zeros without one).
+
+  Each model's pass waits for the previous one (`sharding.after`): one collective order on every device."""
+  frozen = frozen or {}
+  ref_BN = None
+  if "reference" in frozen:
+    ref_BN = response_logprobs(cfg, frozen["reference"], *sharding.after(seqs, after), prompt_len, temperature,
+                               group=group)
+    after = ref_BN
+  if "reward" in frozen:
+    scores_B = score_sequences(cfg, frozen["reward"], *sharding.after(seqs, after))
+  else:
+    scores_B = jnp.zeros(seqs[0].shape[0], jnp.float32)
+  return ref_BN, scores_B
+
+
+def minibatch_epochs(update: Callable, carry, data, rng, *, epochs: int, minibatches: int, group: int = 1,
+                     what: str = "rollout rows"):
+  """`epochs` passes over `data` (a pytree of [B, ...] arrays) in `minibatches` shuffled minibatches, each
+  one `update(carry, minibatch) -> (carry, metrics)`, as nested scans. With `group` > 1 the shuffle moves whole
+  groups of consecutive rows (GRPO's prompt groups stay together). Metrics: floats averaged over every
+  minibatch, int32 flags as their max."""
+  rows = jax.tree.leaves(data)[0].shape[0]
+  if rows % minibatches or (rows // group) % minibatches and group > 1:
+    raise ValueError(f"{rows} {what} are not divisible into {minibatches} minibatches"
+                     + (f" of whole groups of {group}" if group > 1 else ""))
+
+  def epoch(c, key):
+    if group > 1:
+      perm = (jax.random.permutation(key, rows // group)[:, None] * group + jnp.arange(group)).reshape(-1)
+    else:
+      perm = jax.random.permutation(key, rows)
+    mbs = jax.tree.map(lambda x: x[perm].reshape((minibatches, rows // minibatches) + x.shape[1:]), data)
+    return jax.lax.scan(update, c, mbs)
+
+  carry, ms = jax.lax.scan(epoch, carry, jax.random.split(rng, epochs))
+  return carry, jax.tree.map(lambda x: x.mean() if x.dtype != jnp.int32 else x.max(), ms)
+
+
+def finish_iteration(state: TrainState, params, opt_state, inner: list[TrainState], extra=None) -> TrainState:
+  """The outer state after one iteration: `step` + 1, a fresh key, skipped updates of the inner loops added."""
+  skipped = state.skipped + sum(s.skipped for s in inner)
+  return state._replace(step=state.step + 1, params=params, opt_state=opt_state,
+                        rng=jax.random.fold_in(state.rng, state.step), skipped=skipped,
+                        extra=state.extra if extra is None else extra)
