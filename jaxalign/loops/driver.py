@@ -91,7 +91,10 @@ def state_shardings(state: TrainState, mesh):
 
 
 def jit_step(step_fn: Callable, state: TrainState, mesh, batch_sharding=None):
-  """`step_fn(state, batch)` jitted once: explicit shardings, the state donated, metrics replicated."""
+  """`step_fn(state, batch)` jitted once: explicit shardings, the state donated, metrics replicated.
+
+  The frozen models pass through (their output aliases the donated input): read them from the state the step
+  returned, never from an earlier reference."""
   state_sh = state_shardings(state, mesh)
   bs = sharding.batch_sharding(mesh) if batch_sharding is None else batch_sharding
   return jax.jit(step_fn, in_shardings=(state_sh, bs), out_shardings=(state_sh, sharding.replicated(mesh)),

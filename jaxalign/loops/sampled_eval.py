@@ -53,8 +53,10 @@ class SampledEval:
     # Outputs replicated: every process sees every row (small), so metrics agree across processes.
     self._fn = jax.jit(fn, out_shardings=sharding.replicated(self.mesh))
 
-  def run(self, params) -> tuple[dict, list[dict]]:
-    """(metric means, one row per prompt: prompt, completion and its scores)."""
+  def run(self, params, frozen=None) -> tuple[dict, list[dict]]:
+    """(metric means, one row per prompt: prompt, completion and its scores); `frozen` defaults to the models
+    given at construction (in training, pass the state's: a donated step hands its frozen models on)."""
+    frozen = self.frozen if frozen is None else frozen
     b = self.batch_size
     key = jax.random.PRNGKey(self.config.seed + 991)
     n = len(self.prompts)
@@ -71,7 +73,7 @@ class SampledEval:
       bs = sharding.batch_sharding(self.mesh)
       batch = {"prompts": jax.make_array_from_process_local_data(bs, toks[sl]),
                "prompt_mask": jax.make_array_from_process_local_data(bs, mask[sl])}
-      out = {k: v[:real] for k, v in fetch(self._fn(params, self.frozen, batch, jax.random.fold_in(key, s))).items()}
+      out = {k: v[:real] for k, v in fetch(self._fn(params, frozen, batch, jax.random.fold_in(key, s))).items()}
       comps = reward_functions.decode(self.tok, out["tokens"], out["mask"])
       texts = [e.text if isinstance(e.text, str) else str(e.text) for e in chunk[:real]]
       scores = {f"reward/{name}": reward_functions.values([(name, f, w)], texts, comps)[:, 0]
@@ -91,7 +93,7 @@ class SampledEval:
     """The driver's `evaluate(state, step, final)`: the final eval also writes its samples (JSONL)."""
     def evaluate(state, step, final):
       del step
-      metrics, rows = self.run(state.params["model"])
+      metrics, rows = self.run(state.params["model"], state.frozen or {})
       if final:
         write_jsonl(samples_path, rows)
       return metrics
