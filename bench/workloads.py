@@ -445,96 +445,103 @@ def trl_grpo(steps=5):
   return _stats(timer.times[2:], None, samples_per_iteration=RL_PROMPTS * GROUP)
 
 
+def _rl_config(name, **groups):
+  """The stage's default config with the bench's rollout shape and optimizer (no weights or data read)."""
+  import importlib.util
+  import os
+
+  spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(os.path.dirname(__file__), "..",
+                                                                                 "configs", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  with c.unlocked():
+    c.train.batch_size = RL_PROMPTS
+    c.rollout.prompt_len, c.train.seq_len = RL_PROMPT_LEN, RL_PROMPT_LEN + RL_NEW
+    c.rollout.temperature, c.rollout.top_k, c.rollout.top_p = 1.0, 0, 1.0
+    c.optimizer.learning_rate, c.optimizer.schedule, c.optimizer.clip_norm = LR, "constant", 0.0
+    c.optimizer.weight_decay = 0.0
+    for group, values in groups.items():
+      for key, value in values.items():
+        c[group][key] = value
+  return c
+
+
+def _one_device_mesh():
+  import jax
+  from jaxalign import sharding
+  return sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
 def jaxalign_grpo(steps=5):
-  """One GRPO iteration as the online loop runs it: jitted group rollout, host decode + Python reward,
-  jitted update (reference KL on, like TRL's beta)."""
+  """One GRPO iteration exactly as training runs it: `loops.grpo.jit_iteration` (the stage's jitted rollout,
+  host decode + Python reward, jitted update; reference KL on, like TRL's beta) over the package's
+  `steps.grpo.grpo_iteration`."""
   import jax
   import jax.numpy as jnp
-  from jaxalign.config import base
-  from jaxalign.loops.online import decode_responses, left_pad
+  from jaxalign import sharding
+  from jaxalign.data.prompts import left_pad
+  from jaxalign.loops import grpo, ppo, setup
   from jaxalign.models import transformer
-  from jaxalign.optim import make_optimizer
-  from jaxalign.steps import grpo as grpo_steps
-  from jaxalign.steps.state import create
-  from configs import grpo as grpo_config
 
   tok = _trl_tokenizer()
   cfg = jaxalign_cfg()
-  params = {"model": transformer.init_params(cfg, jax.random.key(0))}
-  c = grpo_config.get_config()
-  with c.unlocked():
-    c.grpo.group_size, c.grpo.kl_coef = GROUP, 0.04
-    c.rollout.max_new_tokens, c.rollout.temperature, c.rollout.top_k, c.rollout.top_p = RL_NEW, 1.0, 0, 1.0
-  ocfg = base("grpo").optimizer
-  with ocfg.unlocked():
-    ocfg.learning_rate, ocfg.schedule, ocfg.clip_norm, ocfg.weight_decay = LR, "constant", 0.0, 0.0
-  tx, _ = make_optimizer(ocfg, params, 100)
-  state = create(params, tx, 0, frozen={"reference": jax.tree.map(jnp.copy, params["model"])})
-  stops, pad = (tok.eos_token_id,), tok.pad_token_id
-  roll = jax.jit(lambda st, p, m, k: grpo_steps.group_rollout(st, p, m, k, cfg=cfg, rcfg=c.rollout, gcfg=c.grpo,
-                                                               stop_ids=stops, pad_id=pad))
-  upd = jax.jit(lambda st, ro, r, k: grpo_steps.grpo_update(st, ro, r, k, cfg=cfg, gcfg=c.grpo, temperature=1.0,
-                                                             tx=tx), donate_argnums=(0,))
+  c = _rl_config("grpo", grpo={"group_size": GROUP, "kl_coef": 0.04})
+  mesh = _one_device_mesh()
+  rep = sharding.replicated(mesh)
+  params = jax.device_put({"model": transformer.init_params(cfg, jax.random.key(0))}, rep)
+  tx, sched = setup.optimizer(c, params, 100)
+  frozen = {"reference": jax.tree.map(jnp.copy, params["model"])}
+  state = setup.new_state(params, tx, 0, mesh, frozen=frozen)
+  iteration = grpo.jit_iteration(state, mesh, cfg, c, ppo.rollout_settings(c), tx, sched,
+                                 [("length_reward", length_reward, 1.0)], tok)
   prompts = _rl_prompts(tok, RL_PROMPTS)
-  toks, mask = left_pad([np.asarray(tok(p)["input_ids"]) for p in prompts], RL_PROMPT_LEN, pad)
+  toks, mask = left_pad([np.asarray(tok(p)["input_ids"]) for p in prompts], RL_PROMPT_LEN, tok.pad_token_id)
+  batch = jax.device_put({"prompts": toks, "prompt_mask": mask}, sharding.batch_sharding(mesh))
 
-  def one(carry):
-    st, i = carry
-    k = jax.random.fold_in(jax.random.key(1), i)
-    ro = roll(st, toks, mask, k)
-    comps = decode_responses(tok, np.asarray(ro.tokens[:, -RL_NEW:]), np.asarray(ro.mask))
-    r = jnp.asarray(length_reward(None, comps), jnp.float32)
-    st, m = upd(st, ro, r, k)
-    return (st, i + 1), m["loss"]
+  def one(st):
+    st, m = iteration(st, batch)
+    return st, m["loss"]
 
-  compile_s, times, _ = _timed(one, (state, 0), steps)
+  compile_s, times, _ = _timed(one, state, steps)
   return _stats(times, compile_s, samples_per_iteration=RL_PROMPTS * GROUP)
 
 
 def jaxalign_ppo(steps=5):
-  """One PPO iteration (rollout of RL_PROMPTS x GROUP samples, policy/reference/reward/value passes, GAE,
-  1 epoch x 1 minibatch of clipped policy and value updates), as one jitted function like the online loop."""
+  """One PPO iteration exactly as training runs it: `loops.ppo.jit_iteration` over the package's
+  `steps.ppo.ppo_iteration` (rollout of RL_PROMPTS x GROUP samples, policy/reference/reward/value passes, GAE,
+  1 epoch x 1 minibatch of clipped policy and value updates)."""
   import jax
   import jax.numpy as jnp
-  from jaxalign.config import base
+  from jaxalign import sharding
+  from jaxalign.loops import ppo, setup
   from jaxalign.models import heads, transformer
-  from jaxalign.optim import make_optimizer
   from jaxalign.steps import ppo as ppo_steps
-  from jaxalign.steps.state import create
-  from configs import ppo as ppo_config
 
+  tok = _trl_tokenizer()
   cfg = jaxalign_cfg()
-  model = transformer.init_params(cfg, jax.random.key(0))
-  c = ppo_config.get_config()
+  c = _rl_config("ppo", ppo={"epochs": 1, "minibatches": 1})
   with c.unlocked():
-    c.ppo.epochs, c.ppo.minibatches = 1, 1
-    c.rollout.max_new_tokens, c.rollout.temperature, c.rollout.top_k, c.rollout.top_p = RL_NEW, 1.0, 0, 1.0
-  ocfg = base("ppo").optimizer
-  with ocfg.unlocked():
-    ocfg.learning_rate, ocfg.schedule, ocfg.clip_norm, ocfg.weight_decay = LR, "constant", 0.0, 0.0
+    c.train.batch_size = RL_PROMPTS * GROUP
+  mesh = _one_device_mesh()
+  rep = sharding.replicated(mesh)
   copy = lambda t: jax.tree.map(jnp.copy, t)  # noqa: E731
-  pol_p = {"model": model}
-  val_p = {"model": copy(model), "head": heads.init_head(cfg, jax.random.key(1))}
-  pol_tx, _ = make_optimizer(ocfg, pol_p, 100)
-  val_tx, _ = make_optimizer(ocfg, val_p, 100)
-  frozen = {"reference": copy(model), "reward": {"model": copy(model), "head": heads.init_head(cfg, jax.random.key(2))}}
-  state = ppo_steps.PPOState(create(pol_p, pol_tx, 0, frozen=frozen), create(val_p, val_tx, 1),
-                             jnp.float32(0.05), jnp.int32(0))
+  model = transformer.init_params(cfg, jax.random.key(0))
+  pol_p = jax.device_put({"model": model}, rep)
+  val_p = jax.device_put({"model": copy(model), "head": heads.init_head(cfg, jax.random.key(1))}, rep)
+  pol_opt, val_opt = setup.optimizer(c, pol_p, 100), setup.optimizer(c, val_p, 100)
+  frozen = jax.device_put({"reference": copy(model),
+                           "reward": {"model": copy(model), "head": heads.init_head(cfg, jax.random.key(2))}}, rep)
+  state = jax.jit(lambda p, v: ppo_steps.create_state(p, v, pol_opt[0], val_opt[0], 0, 0.05, None))(pol_p, val_p)
+  state = state._replace(frozen=frozen)
+  iteration = ppo.jit_iteration(state, mesh, cfg, c, ppo.rollout_settings(c), pol_opt, val_opt, tok)
   rng = np.random.default_rng(0)
-  toks = jnp.asarray(rng.integers(3, VOCAB, (RL_PROMPTS * GROUP, RL_PROMPT_LEN)), jnp.int32)
-  mask = jnp.ones_like(toks, bool)
+  toks = rng.integers(3, VOCAB, (RL_PROMPTS * GROUP, RL_PROMPT_LEN)).astype(np.int32)
+  batch = jax.device_put({"prompts": toks, "prompt_mask": np.ones_like(toks)}, sharding.batch_sharding(mesh))
 
-  def iteration(st, k):
-    ro, _ = ppo_steps.make_experience(st, toks, mask, k, cfg=cfg, pcfg=c.ppo, rcfg=c.rollout, stop_ids=(2,), pad_id=0)
-    st, m = ppo_steps.ppo_update(st, ro, k, cfg=cfg, pcfg=c.ppo, temperature=1.0, pol_tx=pol_tx, val_tx=val_tx)
+  def one(st):
+    st, m = iteration(st, batch)
     return st, m["policy_loss"]
 
-  j = jax.jit(iteration, donate_argnums=(0,))
-
-  def one(carry):
-    st, i = carry
-    st, loss = j(st, jax.random.fold_in(jax.random.key(3), i))
-    return (st, i + 1), loss
-
-  compile_s, times, _ = _timed(one, (state, 0), steps)
+  compile_s, times, _ = _timed(one, state, steps)
   return _stats(times, compile_s, samples_per_iteration=RL_PROMPTS * GROUP)

@@ -40,9 +40,6 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.mngr.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return list(self.mngr.all_steps())
-
   def save(self, step: int, items: dict[str, Any], data_state: dict, metrics: dict | None = None,
            force: bool = True) -> bool:
     args = {k: ocp.args.StandardSave(v) for k, v in items.items()}

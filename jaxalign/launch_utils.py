@@ -72,8 +72,9 @@ def dry_run(config, workdir: str | None = None) -> dict:
   out = stages.plan(config)
   gib = lambda v: f"{v / 2**30:.3f} GiB" if v >= 2**30 else f"{v / 2**20:.2f} MiB"  # noqa: E731
   lines = [f"dry run: stage {out['stage']}, mesh {out['mesh']} ({out['devices']} devices)",
-           f"  params + optimizer per device: {gib(out['state_bytes_per_device'])}",
-           f"  frozen models per device:      {gib(out['frozen_bytes_per_device'])}"]
+           f"  params per device:        {gib(out['params_bytes_per_device'])}",
+           f"  optimizer per device:     {gib(out['opt_state_bytes_per_device'])}",
+           f"  frozen models per device: {gib(out['frozen_bytes_per_device'])}"]
   for name, row in out["programs"].items():
     if "peak_bytes" in row:
       lines.append(f"  {name}: peak {gib(row['peak_bytes'])} per device (arguments {gib(row['argument_bytes'])}, "

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxalign.sharding import path_name
+
 
 def make_schedule(ocfg, total_steps: int) -> optax.Schedule:
   lr, warm = ocfg.learning_rate, int(ocfg.warmup_steps)
@@ -27,14 +29,10 @@ def make_schedule(ocfg, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), main], [warm])
 
 
-def _path(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def decay_mask(params):
   """True where weight decay applies: matrices, not norms, biases or the scalar head."""
   def rule(path, x):
-    name = _path(path).rsplit("/", 1)[-1]
+    name = path_name(path).rsplit("/", 1)[-1]
     return not ("norm" in name or re.fullmatch(r"b[qkv]", name) or x.ndim < 2)
   return jax.tree_util.tree_map_with_path(rule, params)
 
@@ -52,7 +50,7 @@ def freeze_mask(params, patterns) -> object:
   matched = {n: False for n in names}
 
   def rule(path, x):
-    name = _path(path)
+    name = path_name(path)
     for n in names:
       if re.search(rf"(^|/){re.escape(n)}(/|$)", name):
         matched[n] = True
@@ -87,13 +85,13 @@ def mask_updates(mask) -> optax.GradientTransformation:
 def lora_labels(params):
   """'train' for adapters (and any scalar head), 'frozen' for the base weights of a LoRA model."""
   def rule(path, _):
-    name = _path(path)
+    name = path_name(path)
     return "train" if ("lora_" in name or name.startswith("head")) else "frozen"
   return jax.tree_util.tree_map_with_path(rule, params)
 
 
 def has_adapters(params) -> bool:
-  return any("lora_" in _path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+  return any("lora_" in path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
 
 
 def make_optimizer(ocfg, params, total_steps: int, freeze=None) -> tuple[optax.GradientTransformation, optax.Schedule]:

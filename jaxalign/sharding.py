@@ -95,7 +95,8 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules
   return P(*out)
 
 
-def _path_name(path) -> str:
+def path_name(path) -> str:
+  """A tree path as 'layers/wq' (the name rules, freeze patterns and errors use)."""
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
@@ -106,7 +107,7 @@ def tree_shardings(shapes, axes, mesh: Mesh, rules=None):
   flat_shapes, treedef = jax.tree_util.tree_flatten(shapes)
   if len(flat_axes) != len(flat_shapes):
     raise ValueError(f"axes tree has {len(flat_axes)} leaves, shapes tree {len(flat_shapes)}")
-  out = [NamedSharding(mesh, spec_for(ax, s.shape, mesh, rules, _path_name(path)))
+  out = [NamedSharding(mesh, spec_for(ax, s.shape, mesh, rules, path_name(path)))
          for (path, ax), s in zip(flat_axes, flat_shapes)]
   return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -123,11 +124,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
-
-
-def constrain(x, mesh: Mesh, *axes: str | None):
-  """with_sharding_constraint by logical names (activations)."""
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(axes, x.shape, mesh)))
 
 
 def describe(mesh: Mesh) -> str:

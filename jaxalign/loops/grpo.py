@@ -44,6 +44,24 @@ class Iteration:
     return self.rollout._cache_size() + self.update._cache_size()  # noqa: SLF001
 
 
+def jit_iteration(state, mesh, model_cfg, config, rollout_cfg, tx, schedule, functions, tok) -> Iteration:
+  """GRPO's iteration with its two halves jitted once (explicit shardings; the update donates the state)."""
+  state_sh = driver.state_shardings(state, mesh)
+  bs, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  g = config.grpo
+  pad, stops = pad_id(tok, model_cfg), stop_ids(tok, model_cfg)
+  rollout = jax.jit(functools.partial(grpo_steps.group_rollout, cfg=model_cfg, rollout_cfg=rollout_cfg, grpo_cfg=g,
+                                      stop_ids=stops, pad_id=pad),
+                    in_shardings=(state_sh, bs), out_shardings=bs)
+  update = jax.jit(functools.partial(grpo_steps.grpo_update, cfg=model_cfg, grpo_cfg=g,
+                                     temperature=rollout_cfg.temperature, tx=tx, schedule=schedule,
+                                     fn_names=tuple(n for n, _, _ in functions),
+                                     fn_weights=tuple(w for _, _, w in functions),
+                                     model_weight=config.reward.model_weight),
+                   in_shardings=(state_sh, bs, bs), out_shardings=(state_sh, rep), donate_argnums=(0,))
+  return Iteration(rollout, update, functions, tok, mesh, rollout_cfg.max_new_tokens)
+
+
 def build(config, workdir: str, *, mesh=None, abstract: bool = False) -> driver.Parts:
   g = config.grpo
   ro = rollout_settings(config)
@@ -56,18 +74,8 @@ def build(config, workdir: str, *, mesh=None, abstract: bool = False) -> driver.
     raise ValueError("GRPO needs a reward: set reward.init (a reward model) and/or reward.functions")
   tx, sched = setup.optimizer(config, params, config.train.steps * g.epochs * g.minibatches)
   state = setup.new_state(params, tx, config.seed, mesh, frozen=frozen, abstract=abstract)
-  state_sh = driver.state_shardings(state, mesh)
-  bs, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  pad, stops = pad_id(tok, model_cfg), stop_ids(tok, model_cfg)
-  rollout = jax.jit(functools.partial(grpo_steps.group_rollout, cfg=model_cfg, rollout_cfg=ro, grpo_cfg=g,
-                                      stop_ids=stops, pad_id=pad),
-                    in_shardings=(state_sh, bs), out_shardings=bs)
-  update = jax.jit(functools.partial(grpo_steps.grpo_update, cfg=model_cfg, grpo_cfg=g, temperature=ro.temperature,
-                                     tx=tx, schedule=sched, fn_names=tuple(n for n, _, _ in functions),
-                                     fn_weights=tuple(w for _, _, w in functions),
-                                     model_weight=config.reward.model_weight),
-                   in_shardings=(state_sh, bs, bs), out_shardings=(state_sh, rep), donate_argnums=(0,))
-  step = Iteration(rollout, update, functions, tok, mesh, ro.max_new_tokens)
+  step = jit_iteration(state, mesh, model_cfg, config, ro, tx, sched, functions, tok)
+  rollout, update = step.rollout, step.update
   parts = driver.Parts("grpo", state, step, None, mesh, baseline_eval=True, compiles=step.compiles)
   if abstract:
     prompts = prompt_spec(config, mesh)

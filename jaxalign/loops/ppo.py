@@ -50,6 +50,14 @@ def prompt_data(config, tok, workdir):
   return it, evals
 
 
+def jit_iteration(state, mesh, model_cfg, config, rollout_cfg, policy_opt, value_opt, tok):
+  """`steps.ppo.ppo_iteration` jitted once (explicit shardings, the state donated); `*_opt` = (tx, schedule)."""
+  return driver.jit_step(functools.partial(
+      ppo_steps.ppo_iteration, cfg=model_cfg, ppo_cfg=config.ppo, rollout_cfg=rollout_cfg,
+      stop_ids=stop_ids(tok, model_cfg), pad_id=pad_id(tok, model_cfg), policy_tx=policy_opt[0],
+      value_tx=value_opt[0], policy_schedule=policy_opt[1], value_schedule=value_opt[1]), state, mesh)
+
+
 def build(config, workdir: str, *, mesh=None, abstract: bool = False) -> driver.Parts:
   if not config.reward.init and not abstract:
     raise ValueError("PPO needs reward.init: a reward-model run directory or HF sequence-classification model")
@@ -76,10 +84,7 @@ def build(config, workdir: str, *, mesh=None, abstract: bool = False) -> driver.
     state = setup.concrete(jax.eval_shape(jax.jit(make), params, vparams), mesh)._replace(frozen=frozen)
   else:
     state = jax.jit(make)(params, vparams)._replace(frozen=frozen)
-  pad, stops = pad_id(tok, model_cfg), stop_ids(tok, model_cfg)
-  step = driver.jit_step(functools.partial(
-      ppo_steps.ppo_iteration, cfg=model_cfg, ppo_cfg=p, rollout_cfg=ro, stop_ids=stops, pad_id=pad,
-      policy_tx=pol_tx, value_tx=val_tx, policy_schedule=pol_sched, value_schedule=val_sched), state, mesh)
+  step = jit_iteration(state, mesh, model_cfg, config, ro, (pol_tx, pol_sched), (val_tx, val_sched), tok)
   parts = driver.Parts("ppo", state, step, None, mesh, baseline_eval=True,
                        programs={"iteration": (step, (state, prompt_spec(config, mesh)))},
                        compiles=step._cache_size)  # noqa: SLF001

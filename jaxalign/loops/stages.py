@@ -33,8 +33,8 @@ def plan(config, mesh=None) -> dict:
   from shapes alone; per program: memory per device (XLA's analysis) and the program's cost analysis."""
   parts = module(config).build(config, "", mesh=mesh, abstract=True)
   out = {"stage": config.stage, "mesh": dict(parts.mesh.shape), "devices": int(parts.mesh.devices.size),
-         "state_bytes_per_device": per_device_bytes(jax.tree.leaves(parts.state.params) +
-                                                    jax.tree.leaves(parts.state.opt_state)),
+         "params_bytes_per_device": per_device_bytes(jax.tree.leaves(parts.state.params)),
+         "opt_state_bytes_per_device": per_device_bytes(jax.tree.leaves(parts.state.opt_state)),
          "frozen_bytes_per_device": per_device_bytes(jax.tree.leaves(parts.state.frozen)), "programs": {}}
   for name, (fn, args) in parts.programs.items():
     compiled = fn.lower(*args).compile()

@@ -19,17 +19,5 @@ def token_entropy(logits_BTV) -> jax.Array:
   return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
-def masked_sum(x, mask, axis=None):
-  return jnp.sum(x * mask, axis=axis)
-
-
 def masked_mean(x, mask, axis=None, eps: float = 1e-8):
   return jnp.sum(x * mask, axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis), eps)
-
-
-def sequence_logprobs(logp_BT, weights_BT, segment_ids_BT=None, num_segments: int | None = None):
-  """Sum of weighted token log-probs per row [B], or per (row, segment) [B, S] when segments are given."""
-  if segment_ids_BT is None:
-    return jnp.sum(logp_BT * weights_BT, axis=-1)
-  onehot_BTS = jax.nn.one_hot(segment_ids_BT, num_segments + 1, dtype=jnp.float32)[..., 1:]
-  return jnp.einsum("bt,bts->bs", logp_BT * weights_BT, onehot_BTS)

@@ -265,16 +265,17 @@ def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_ar
   dt = x_BTD.dtype
   c = lambda name: p[name].astype(dt)  # noqa: E731
 
-  def proj(eq, x, name):
-    y = dense(x, c(name), contract=2 if eq.startswith("btnh") else 1)
+  def proj(x, name, contract: int = 1):
+    """x . p[name] over x's `contract` trailing dims (plus the LoRA delta when adapters are on)."""
+    y = dense(x, c(name), contract=contract)
     if use_lora and f"lora_a_{name}" in p:
       y = y + lora.delta(cfg, p, name, x)
     return y
 
   h_BTD = rms_norm(x_BTD, p["attn_norm"], cfg)
-  q_BTNH = proj("btd,dnh->btnh", h_BTD, "wq")
-  k_BTKH = proj("btd,dkh->btkh", h_BTD, "wk")
-  v_BTKH = proj("btd,dkh->btkh", h_BTD, "wv")
+  q_BTNH = proj(h_BTD, "wq")
+  k_BTKH = proj(h_BTD, "wk")
+  v_BTKH = proj(h_BTD, "wv")
   if cfg.qkv_bias:
     q_BTNH, k_BTKH, v_BTKH = q_BTNH + c("bq"), k_BTKH + c("bk"), v_BTKH + c("bv")
   if cfg.qk_norm:
@@ -295,13 +296,13 @@ def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_ar
   scale = (cfg.query_scale or cfg.head_dim) ** -0.5
   o_BTNH = attend(cfg, q_BTNH, k_use, v_use, mask_BTS, scale, causal=cache is None,
                   cache_layout=cache is not None)
-  o_BTD = proj("btnh,nhd->btd", o_BTNH, "wo")
+  o_BTD = proj(o_BTNH, "wo", contract=2)
   if cfg.post_norms:
     o_BTD = rms_norm(o_BTD, p["post_attn_norm"], cfg)
   x_BTD = x_BTD + o_BTD
   h_BTD = rms_norm(x_BTD, p["mlp_norm"], cfg)
-  g_BTF = _act(cfg, proj("btd,df->btf", h_BTD, "w_gate")) * proj("btd,df->btf", h_BTD, "w_up")
-  m_BTD = proj("btf,fd->btd", g_BTF, "w_down")
+  g_BTF = _act(cfg, proj(h_BTD, "w_gate")) * proj(h_BTD, "w_up")
+  m_BTD = proj(g_BTF, "w_down")
   if cfg.post_norms:
     m_BTD = rms_norm(m_BTD, p["post_mlp_norm"], cfg)
   return x_BTD + m_BTD, kv

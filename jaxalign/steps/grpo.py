@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.losses import rl
-from jaxalign.losses.lm import masked_mean
 from jaxalign.steps import policy
 from jaxalign.steps.policy import Rollout
 from jaxalign.steps.state import TrainState, apply_update, sub_state
@@ -27,7 +26,7 @@ def group_rollout(state: TrainState, batch: dict, *, cfg, rollout_cfg, grpo_cfg,
   """Sample G completions per prompt of `batch` {'prompts', 'prompt_mask'} [b, P]; old/reference log-probs and
   reward-model scores of the b * G rows."""
   g = grpo_cfg.group_size
-  key = jax.random.split(state.rng)[0]
+  key = policy.iteration_key(state)
   s, *seqs = policy.sample(cfg, state.params["model"], batch["prompts"], batch["prompt_mask"], key, rollout_cfg,
                            stop_ids=stop_ids, pad_id=pad_id, num_samples=g)  # One prefill, G samples.
   p = batch["prompts"].shape[1]
@@ -102,7 +101,7 @@ def grpo_update(state: TrainState, rollout: Rollout, fn_values_BF, *, cfg, grpo_
         max_len=max_len, global_tokens=global_tokens, group=group)
     return apply_update(st, grads, {"loss": aux["policy_loss"], **aux}, tx, schedule)
 
-  k_update = jax.random.split(state.rng)[1]
+  k_update = jax.random.fold_in(policy.iteration_key(state), 1)
   inner, metrics = policy.minibatch_epochs(mb_step, inner, data, k_update, epochs=grpo_cfg.epochs, minibatches=m,
                                            group=group, what="rollout rows (prompts x group_size)")
   mask_BN = rollout.mask_BN

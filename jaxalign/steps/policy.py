@@ -138,9 +138,14 @@ def minibatch_epochs(update: Callable, carry, data, rng, *, epochs: int, minibat
   return carry, jax.tree.map(lambda x: x.mean() if x.dtype != jnp.int32 else x.max(), ms)
 
 
+def iteration_key(state: TrainState) -> jax.Array:
+  """The iteration's key: the run's key folded with the iteration number (the run's key never changes, so
+  iteration i draws the same numbers however the run was interrupted and resumed)."""
+  return jax.random.fold_in(state.rng, state.step)
+
+
 def finish_iteration(state: TrainState, params, opt_state, inner: list[TrainState], extra=None) -> TrainState:
-  """The outer state after one iteration: `step` + 1, a fresh key, skipped updates of the inner loops added."""
+  """The outer state after one iteration: `step` + 1, skipped updates of the inner loops added."""
   skipped = state.skipped + sum(s.skipped for s in inner)
-  return state._replace(step=state.step + 1, params=params, opt_state=opt_state,
-                        rng=jax.random.fold_in(state.rng, state.step), skipped=skipped,
+  return state._replace(step=state.step + 1, params=params, opt_state=opt_state, skipped=skipped,
                         extra=state.extra if extra is None else extra)

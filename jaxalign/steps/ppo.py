@@ -116,7 +116,7 @@ def ppo_iteration(state: TrainState, batch: dict, *, cfg, ppo_cfg, rollout_cfg, 
                   value_tx, policy_schedule=None, value_schedule=None) -> tuple[TrainState, dict]:
   """One PPO iteration, pure: sample responses to `batch` {'prompts', 'prompt_mask'} [B, P], score them,
   compute advantages and update policy and value. Jit it with donation of `state`."""
-  k_sample, k_update = jax.random.split(state.rng)
+  k_sample, k_update, _ = jax.random.split(policy.iteration_key(state), 3)
   ro, em = make_experience(state, batch["prompts"], batch["prompt_mask"], k_sample, cfg=cfg, ppo_cfg=ppo_cfg,
                            rollout_cfg=rollout_cfg, stop_ids=stop_ids, pad_id=pad_id)
   state, um = ppo_update(state, ro, k_update, cfg=cfg, ppo_cfg=ppo_cfg, temperature=rollout_cfg.temperature,
