@@ -124,15 +124,17 @@ class Watchdog:
 def _restore(ckpt: Checkpointer, step: int, state: TrainState, mesh) -> tuple[TrainState, dict]:
   """The checkpointed state at `step`, placed with this run's shardings; a clear error for another layout."""
   want = checkpoint_items(state)
-  saved = ckpt.mngr.item_metadata(step)
-  saved_meta = sorted(saved["meta"]) if saved is not None and saved.get("meta") is not None else None
-  if saved_meta is not None and saved_meta != sorted(want["meta"]):
+  sh = state_shardings(want, mesh)
+  try:
+    items, data_state = ckpt.restore(step, abstract_like(want, sh))
+  except ValueError as e:
+    if "do not match" not in str(e):
+      raise
     raise CheckpointLayoutError(
-        f"{ckpt.mngr.directory}/{step}: this checkpoint's state layout (meta keys {saved_meta}) was written by an "
-        f"earlier jaxalign (this version stores {sorted(want['meta'])}); it cannot resume here: use a new --workdir, "
-        "or start the next stage from it with model.init (its params still load)")
-  sh = state_shardings(checkpoint_items(state), mesh)
-  items, data_state = ckpt.restore(step, abstract_like(want, sh))
+        f"{ckpt.mngr.directory}/{step}: this checkpoint's state has another layout than this version's "
+        f"{sorted(want['meta'])} meta and its {sorted(want['params'])} params (written by an earlier jaxalign, "
+        "or by another stage or model): it cannot resume here. Use a new --workdir, or start the next stage "
+        "from it with model.init (its params still load)") from e
   return from_items(items, state.frozen), data_state
 
 

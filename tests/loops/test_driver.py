@@ -123,5 +123,5 @@ def test_checkpoint_of_an_earlier_layout_is_refused_with_a_message(task_sft, tmp
   cfg = load_config("grpo", "tiny", model__init=task_sft["sft"], data__train=task_sft["prompts_train"],
                     data__eval=task_sft["prompts_eval"], reward__functions=(GOLD,), logging__progress=False,
                     logging__tensorboard=False, export__hf=False)
-  with pytest.raises(driver.CheckpointLayoutError, match="earlier jaxalign.*use a new --workdir"):
+  with pytest.raises(driver.CheckpointLayoutError, match="another layout.*earlier jaxalign.*new --workdir"):
     stages.train(cfg, str(wd))
