@@ -16,6 +16,7 @@ def get_config(arg: str | None = None):
   c = online(base("grpo"))
   c.optimizer.learning_rate = 1e-6
   c.optimizer.schedule = "constant"
+  del c.eval["batch_size"]  # In-training evals sample train.batch_size prompts at a time.
   c.grpo = ml_collections.ConfigDict()
   c.grpo.group_size = 8  # Samples per prompt (G).
   c.grpo.estimator = "grpo"  # grpo (group mean baseline) | rloo (leave-one-out).

@@ -14,6 +14,7 @@ def get_config(arg: str | None = None):
   c = online(base("ppo"))
   c.optimizer.learning_rate = 1e-6
   c.optimizer.schedule = "constant"
+  del c.eval["batch_size"]  # In-training evals sample train.batch_size prompts at a time.
   c.ppo = ml_collections.ConfigDict()
   c.ppo.epochs = 2  # Passes over each rollout batch.
   c.ppo.minibatches = 2  # Minibatches per pass (one optimizer step each).

@@ -19,9 +19,9 @@ def get_config(arg: str | None = None):
   c.optimizer.warmup_steps = 10
   c.checkpoint.best_metric = "eval/accuracy"
   c.checkpoint.best_mode = "max"
-  c.reward = ml_collections.ConfigDict()
-  c.reward.center_coef = 0.0  # Adds coef * (r_c + r_r)^2 (keeps rewards centred; 0.01 is usual).
-  c.reward.use_margin = True  # Subtract the per-pair `margin` field when present.
+  c.loss = ml_collections.ConfigDict()
+  c.loss.center_coef = 0.0  # Adds coef * (r_c + r_r)^2 (keeps rewards centred; 0.01 is usual).
+  c.loss.use_margin = True  # Subtract the per-pair `margin` field when present.
   if size:
     tiny(c)
     c.train.steps = 30

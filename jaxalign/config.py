@@ -110,6 +110,7 @@ def online(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   prompt (rollout.prompt_len, left-padded) plus up to train.seq_len - rollout.prompt_len response tokens."""
   c.data.format = "prompt"  # Any records with a `prompt` field.
   c.data.dedup = False  # Repeated prompts are legitimate samples here.
+  del c.train["loss_spike"]  # A policy-gradient loss has no scale to spike against; nan_policy still applies.
   c.train.batch_size = 16
   c.train.seq_len = 128
   c.rollout = ml_collections.ConfigDict()

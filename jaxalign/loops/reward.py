@@ -37,7 +37,7 @@ def build(config, workdir: str, *, mesh=None, abstract: bool = False) -> driver.
   mesh, tok, model_cfg, params, source = setup.prepare(config, workdir, with_head=True, mesh=mesh, abstract=abstract)
   tx, sched = setup.optimizer(config, params, config.train.steps)
   state = setup.new_state(params, tx, config.seed, mesh, abstract=abstract)
-  r = config.reward
+  r = config.loss
   step = driver.jit_step(functools.partial(reward_steps.reward_step, model_cfg=model_cfg, tx=tx, schedule=sched,
                                            grad_accum=config.train.grad_accum, center_coef=r.center_coef,
                                            use_margin=r.use_margin, loss_spike=config.train.loss_spike),

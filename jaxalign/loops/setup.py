@@ -150,8 +150,9 @@ def make_mesh(config):
   accum = config.train.get("grad_accum", 1)  # Offline stages only.
   if (config.train.batch_size // dp) % max(1, accum) and config.train.batch_size % accum:
     raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by train.grad_accum={accum}")
-  if config.eval.batch_size % dp:
-    raise ValueError(f"eval.batch_size={config.eval.batch_size} is not divisible by the data-parallel size {dp}")
+  eval_rows = config.eval.get("batch_size", config.train.batch_size)
+  if eval_rows % dp:
+    raise ValueError(f"eval.batch_size={eval_rows} is not divisible by the data-parallel size {dp}")
   logging.info("%s", sharding.describe(mesh))
   return mesh
 
