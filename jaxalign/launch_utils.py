@@ -61,26 +61,16 @@ def train(config, workdir: str) -> int:
   return 0
 
 
-def dry_run(config, workdir: str | None = None) -> dict:
-  """Compile the stage's programs for the configured mesh from shapes alone; print per-device memory and
-  write WORKDIR/plan.json."""
+def dry_run(config, workdir: str | None = None, topology: str = "", num_slices: int = 1) -> dict:
+  """Compile the stage's programs for the configured mesh over the local devices or a named TPU topology,
+  from shapes alone; print per-device memory, time and MFU, and write WORKDIR/plan.json."""
   import json
 
-  from jaxalign.loops import stages
+  from jaxalign import plan
 
   quiet_libraries()
-  out = stages.plan(config)
-  gib = lambda v: f"{v / 2**30:.3f} GiB" if v >= 2**30 else f"{v / 2**20:.2f} MiB"  # noqa: E731
-  lines = [f"dry run: stage {out['stage']}, mesh {out['mesh']} ({out['devices']} devices)",
-           f"  params per device:        {gib(out['params_bytes_per_device'])}",
-           f"  optimizer per device:     {gib(out['opt_state_bytes_per_device'])}",
-           f"  frozen models per device: {gib(out['frozen_bytes_per_device'])}"]
-  for name, row in out["programs"].items():
-    if "peak_bytes" in row:
-      lines.append(f"  {name}: peak {gib(row['peak_bytes'])} per device (arguments {gib(row['argument_bytes'])}, "
-                   f"XLA temporaries {gib(row['temp_bytes'])})")
-  msg = "\n".join(lines)
-  print(msg, flush=True)
+  out = plan.compile_plan(config, topology, num_slices)
+  print(plan.summary(out), flush=True)
   if workdir and jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "plan.json"), "w") as f:

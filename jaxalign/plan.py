@@ -38,17 +38,23 @@ def compile_plan(config, topology: str = "", num_slices: int = 1, *, extrapolate
   topo = topologies.parse(topology, num_slices) if topology else None
   mesh = make_mesh(config, topo)
   parts = stages.module(config).build(config, "", mesh=mesh, abstract=True)
-  chips = int(mesh.devices.size)
+  devices = int(mesh.devices.size)
   out = {"stage": config.stage, "topology": topology or f"local ({jax.devices()[0].platform})",
-         "num_slices": num_slices if topo else 1, "devices": chips, "mesh": dict(mesh.shape),
+         "num_slices": num_slices if topo else 1, "devices": devices, "mesh": dict(mesh.shape),
          "params_bytes_per_device": per_device_bytes(jax.tree.leaves(parts.state.params)),
          "opt_state_bytes_per_device": per_device_bytes(jax.tree.leaves(parts.state.opt_state)),
          "frozen_bytes_per_device": per_device_bytes(jax.tree.leaves(parts.state.frozen)), "programs": {}}
-  if topo is not None:
-    out["chip"] = {"name": topo.chip.name, "hbm_bytes": topo.chip.hbm_bytes, "peak_flops": topo.chip.peak_flops}
-  compiled = {name: fn.lower(*args).compile() for name, (fn, args) in parts.programs.items()}
-  for name, c in compiled.items():
-    out["programs"][name] = _row(c, topo)
+  hbm = peak = 0.0
+  if topo is not None:  # Per device: a v4 chip shows up as two devices (its TensorCores), others as one.
+    hbm = topo.chip.hbm_bytes * topo.chips / devices
+    peak = topo.chip.peak_flops * topo.chips / devices
+    out["chip"] = {"name": topo.chip.name, "chips": topo.chips, "hbm_bytes_per_device": int(hbm),
+                   "peak_flops_per_device": peak}
+  for name, (fn, args) in parts.programs.items():
+    try:
+      out["programs"][name] = _row(fn.lower(*args).compile(), topo)
+    except Exception as e:  # The TPU compiler refuses a program that cannot fit: report it, do not crash.
+      out["programs"][name] = _oom_row(str(e), args)
   layers = _num_layers(config)
   if extrapolate and layers > 2 and topo is not None:
     times = [_program_times(config, mesh, n) for n in (1, 2)]
@@ -62,12 +68,12 @@ def compile_plan(config, topology: str = "", num_slices: int = 1, *, extrapolate
     if flops:
       row["model_flops"] = flops
       if topo is not None and row.get("step_seconds"):
-        row["mfu"] = flops / (chips * topo.chip.peak_flops * row["step_seconds"])
+        row["mfu"] = flops / (devices * peak * row["step_seconds"])
     if topo is not None and "peak_bytes" in row:
-      row["hbm_fraction"] = row["peak_bytes"] / topo.chip.hbm_bytes
-      row["fits"] = row["peak_bytes"] <= topo.chip.hbm_bytes
+      row["hbm_fraction"] = row["peak_bytes"] / hbm
+      row["fits"] = row["peak_bytes"] <= hbm
       if not row["fits"]:
-        row["advice"] = advice(config, row, topo)
+        row["advice"] = advice(config, row, hbm)
   return out
 
 
@@ -91,6 +97,18 @@ def _row(compiled, topo) -> dict:
   return row
 
 
+def _oom_row(message: str, args) -> dict:
+  """A program the compiler refused for memory: its temporaries as the compiler reported them."""
+  m = re.search(r"HLO temporaries \(([0-9.]+)([KMGT])\) exceeds available HBM \(([0-9.]+)([KMGT])\)", message)
+  if not m:
+    raise ValueError(f"compiling the plan failed: {message.splitlines()[0] if message else ''}")
+  unit = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+  temp = int(float(m.group(1)) * unit[m.group(2)])
+  arguments = per_device_bytes(jax.tree.leaves(args))
+  return {"compile_error": "the compiler ran out of HBM: " + m.group(0), "temp_bytes": temp,
+          "argument_bytes": arguments, "output_bytes": 0, "alias_bytes": 0, "peak_bytes": temp + arguments}
+
+
 def _program_times(config, mesh, layers: int) -> dict:
   """Cost-model seconds of each program with the model cut to `layers` unrolled layers."""
   c = config.copy_and_resolve_references()
@@ -99,7 +117,10 @@ def _program_times(config, mesh, layers: int) -> dict:
   parts = stages.module(c).build(c, "", mesh=mesh, abstract=True)
   out = {}
   for name, (fn, args) in parts.programs.items():
-    cost = fn.lower(*args).compile().cost_analysis()
+    try:
+      cost = fn.lower(*args).compile().cost_analysis()
+    except Exception:  # Even one or two layers do not fit: no time estimate.
+      continue
     cost = cost[0] if isinstance(cost, (list, tuple)) and cost else (cost or {})
     if cost.get("optimal_seconds"):
       out[name] = float(cost["optimal_seconds"])
@@ -150,9 +171,9 @@ def attention_kind(hlo: str) -> str:
   return "XLA dots and softmax"
 
 
-def advice(config, row: dict, topo) -> str:
-  """Which knob to turn first when a program does not fit."""
-  over = row["peak_bytes"] / topo.chip.hbm_bytes
+def advice(config, row: dict, hbm: float) -> str:
+  """Which knob to turn first when a program does not fit in `hbm` bytes per device."""
+  over = row["peak_bytes"] / hbm
   knobs = []
   if config.model.remat == "none":
     knobs.append("model.remat=full (recompute activations in the backward pass)")
@@ -161,7 +182,7 @@ def advice(config, row: dict, topo) -> str:
   if config.train.get("grad_accum", 1) == 1 and config.train.batch_size > 1:
     knobs.append("train.grad_accum=2 or more (fewer rows in flight per device)")
   knobs.append("a shorter train.seq_len, or a larger slice")
-  return f"needs {over:.1f}x the chip's {topo.chip.hbm_bytes / 2**30:.0f} GiB: try " + "; ".join(knobs)
+  return f"needs {over:.1f}x the {hbm / 2**30:.0f} GiB of HBM per device: try " + "; ".join(knobs)
 
 
 def per_device_bytes(leaves) -> int:
@@ -172,3 +193,26 @@ def per_device_bytes(leaves) -> int:
     shape = s.shard_shape(x.shape) if s is not None else x.shape
     total += int(np.prod(shape)) * np.dtype(x.dtype).itemsize
   return total
+
+
+def summary(out: dict) -> str:
+  """The plan as a few lines for the console."""
+  gib = lambda v: f"{v / 2**30:.2f} GiB" if v >= 2**30 else f"{v / 2**20:.2f} MiB"  # noqa: E731
+  lines = [f"plan: stage {out['stage']} on {out['topology']} ({out['devices']} devices), mesh {out['mesh']}",
+           f"  params {gib(out['params_bytes_per_device'])}, optimizer {gib(out['opt_state_bytes_per_device'])}, "
+           f"frozen models {gib(out['frozen_bytes_per_device'])} per device"]
+  for name, row in out["programs"].items():
+    if "peak_bytes" not in row:
+      continue
+    line = (f"  {name}: peak {'>= ' if 'compile_error' in row else ''}{gib(row['peak_bytes'])} per device "
+            f"(arguments {gib(row['argument_bytes'])}, XLA temporaries {gib(row['temp_bytes'])})")
+    if "fits" in row:
+      line += f", {100 * row['hbm_fraction']:.0f}% of HBM: " + ("fits" if row["fits"] else "DOES NOT FIT")
+    if row.get("step_seconds"):
+      line += f"; step {row['step_seconds']:.3g} s"
+    if row.get("mfu"):
+      line += f", MFU {100 * row['mfu']:.0f}%"
+    lines.append(line)
+    if row.get("advice"):
+      lines.append(f"    {row['advice']}")
+  return "\n".join(lines)

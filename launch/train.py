@@ -22,6 +22,9 @@ _COORD = flags.DEFINE_string("coordinator", None, "host:port of process 0 (expli
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes (explicit multi-process).")
 _PID = flags.DEFINE_integer("process_id", None, "This process's id (explicit multi-process).")
 _DRY = flags.DEFINE_bool("dry_run", False, "Compile the stage's steps from shapes alone; print per-device memory, write WORKDIR/plan.json; no weight or data read.")
+_TOPOLOGY = flags.DEFINE_string("topology", "", "With --dry_run: compile for a Cloud TPU slice (v4-8, v5e-16, "
+                                 "v5p-128, v6e-64, ...) instead of the local devices (needs libtpu, not a TPU).")
+_SLICES = flags.DEFINE_integer("num_slices", 1, "With --topology: number of slices (multislice).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -33,7 +36,7 @@ def main(argv):
   config = _CONFIG.value
   launch_utils.log_devices()
   if _DRY.value:
-    launch_utils.dry_run(config, _WORKDIR.value)
+    launch_utils.dry_run(config, _WORKDIR.value, _TOPOLOGY.value, _SLICES.value)
     return
   code = launch_utils.train(config, _WORKDIR.value)
   sys.exit(code)

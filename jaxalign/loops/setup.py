@@ -23,9 +23,10 @@ from jaxalign.steps.state import TrainState, create
 
 
 def model_overrides(model_cfg) -> dict:
+  """The model.* keys that override a checkpoint's architecture config."""
   return dict(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, remat=model_cfg.remat,
-              scan_layers=model_cfg.scan_layers, attention=model_cfg.attention, lora_rank=model_cfg.lora_rank,
-              lora_alpha=model_cfg.lora_alpha, lora_targets=tuple(model_cfg.lora_targets))
+            scan_layers=model_cfg.scan_layers, attention=model_cfg.attention, lora_rank=model_cfg.lora_rank,
+            lora_alpha=model_cfg.lora_alpha, lora_targets=tuple(model_cfg.lora_targets))
 
 
 def tokenizer_path(init: str, explicit: str = "") -> str:
@@ -61,6 +62,19 @@ def check_vocab(model_cfg: ModelConfig, tokenizer, where: str):
 
 
 def resolve_model_config(init: str, model_group, tokenizer=None) -> ModelConfig:
+  """The architecture of model.init (run dir, HF dir) or of model.preset, with the model.* overrides.
+
+  `model.plan_layers` exists only in the compile plan's copies of a config: the model cut to that many
+  unrolled layers (XLA's cost model counts a scanned layer body once; the plan extrapolates from 1 and 2)."""
+  cfg = _resolve_model_config(init, model_group, tokenizer)
+  n = model_group.get("plan_layers")
+  if n:
+    cfg = cfg.replace(num_layers=int(n), scan_layers=False,
+                      layer_types=tuple(cfg.layer_types[:int(n)]) if cfg.layer_types else None)
+  return cfg
+
+
+def _resolve_model_config(init: str, model_group, tokenizer=None) -> ModelConfig:
   ov = model_overrides(model_group)
   if checkpoint.is_run_dir(init):
     return checkpoint.model_config_from_dict(checkpoint.read_run_info(init)["model_config"]).replace(**ov)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxalign.checkpoint import Checkpointer
+from jaxalign import plan
 from jaxalign.loops import driver, ppo, stages
 from tests.conftest import load_config
 
@@ -34,7 +35,7 @@ def _rows(wd, split):
 def test_dry_run_compiles_every_stage_from_shapes_alone(stage):
   cfg = load_config(stage, "tiny", mesh__data=2, mesh__fsdp=4, **(
       {"reward__functions": (GOLD,)} if stage == "grpo" else {}))
-  out = stages.plan(cfg)
+  out = plan.compile_plan(cfg)
   want = {"sft": ["train_step"], "reward": ["train_step"], "dpo": ["train_step"], "ppo": ["iteration"],
           "grpo": ["rollout", "update"], "evaluate": ["sample"]}[stage]
   assert sorted(out["programs"]) == sorted(want)
