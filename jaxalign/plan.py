@@ -41,6 +41,7 @@ def compile_plan(config, topology: str = "", num_slices: int = 1, *, extrapolate
   devices = int(mesh.devices.size)
   out = {"stage": config.stage, "topology": topology or f"local ({jax.devices()[0].platform})",
          "num_slices": num_slices if topo else 1, "devices": devices, "mesh": dict(mesh.shape),
+         "params_total": int(sum(np.prod(x.shape) for x in jax.tree.leaves(parts.state.params))),
          "params_bytes_per_device": per_device_bytes(jax.tree.leaves(parts.state.params)),
          "opt_state_bytes_per_device": per_device_bytes(jax.tree.leaves(parts.state.opt_state)),
          "frozen_bytes_per_device": per_device_bytes(jax.tree.leaves(parts.state.frozen)), "programs": {}}

@@ -40,6 +40,9 @@ def test_cli_plan_for_a_tpu_topology_without_a_tpu(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   plan = json.load(open(wd / "plan.json"))
   assert plan["devices"] == 4 and plan["mesh"]["fsdp"] == 4 and plan["chip"]["name"] == "v5p"
+  # Params and AdamW moments sharded over the 4 fsdp devices (not replicated): ~1/4 of the f32 bytes each.
+  assert plan["params_bytes_per_device"] < 0.4 * 4 * plan["params_total"]
+  assert plan["opt_state_bytes_per_device"] < 0.8 * 4 * plan["params_total"]
   row = plan["programs"]["train_step"]
   assert row["fits"] and 0 < row["hbm_fraction"] < 0.01
   assert row["step_seconds"] > 0 and 0 < row["mfu"] < 1

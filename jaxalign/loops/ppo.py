@@ -8,6 +8,7 @@ import functools
 import jax
 import numpy as np
 
+from jaxalign import sharding
 from jaxalign.data import datasets
 from jaxalign.data.prompts import PromptIterator, pad_id, stop_ids
 from jaxalign.loops import driver, setup
@@ -81,7 +82,11 @@ def build(config, workdir: str, *, mesh=None, abstract: bool = False) -> driver.
   make = functools.partial(ppo_steps.create_state, policy_tx=pol_tx, value_tx=val_tx, seed=config.seed,
                            kl_coef=p.kl_coef, frozen=None)
   if abstract:
-    state = setup.concrete(jax.eval_shape(jax.jit(make), params, vparams), mesh)._replace(frozen=frozen)
+    opt_state = {"policy": setup.abstract_opt_state(pol_tx, params, mesh),
+                 "value": setup.abstract_opt_state(val_tx, vparams, mesh)}
+    kl_coef = jax.ShapeDtypeStruct((), np.float32, sharding=sharding.replicated(mesh))
+    state = setup.abstract_state({"model": params["model"], "value": vparams}, opt_state, mesh, frozen=frozen,
+                                 extra={"kl_coef": kl_coef})
   else:
     state = jax.jit(make)(params, vparams)._replace(frozen=frozen)
   step = jit_iteration(state, mesh, model_cfg, config, ro, (pol_tx, pol_sched), (val_tx, val_sched), tok)

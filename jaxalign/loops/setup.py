@@ -12,6 +12,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import NamedSharding
 
 from jaxalign import checkpoint, sharding
@@ -199,10 +200,39 @@ def prepare(config, workdir: str, *, with_head: bool = False, mesh=None, abstrac
 
 def new_state(params, tx, seed: int, mesh, *, frozen=None, abstract: bool = False) -> TrainState:
   """A fresh TrainState created on the params' devices (or its shapes and shardings, `abstract`)."""
-  make = jax.jit(functools.partial(create, tx=tx, seed=seed))
   if abstract:
-    return concrete(jax.eval_shape(make, params), mesh)._replace(frozen=frozen)
-  return make(params)._replace(frozen=frozen)
+    return abstract_state(params, abstract_opt_state(tx, params, mesh), mesh, frozen=frozen)
+  return jax.jit(functools.partial(create, tx=tx, seed=seed))(params)._replace(frozen=frozen)
+
+
+def abstract_state(params, opt_state, mesh, *, frozen=None, extra=None) -> TrainState:
+  """A TrainState of ShapeDtypeStructs (the compile plan's), its counters and key replicated."""
+  rep = sharding.replicated(mesh)
+  scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=rep)  # noqa: E731
+  return TrainState(scalar(jnp.int32), params, opt_state, jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
+                    scalar(jnp.int32), scalar(jnp.float32), frozen, extra)
+
+
+def abstract_opt_state(tx, params, mesh):
+  """`tx.init(params)` as ShapeDtypeStructs: moments sharded like the params they mirror, counts replicated."""
+  shapes = jax.eval_shape(tx.init, params)
+  rep = sharding.replicated(mesh)
+  param_sh = jax.tree.map(lambda x: x.sharding, params)
+  try:
+    shs = optax.tree_map_params(tx, lambda p, s: s, shapes, param_sh, transform_non_params=lambda x: rep)
+  except Exception:  # A state optax cannot map onto the params: match by path suffix and shape instead.
+    flat = {tuple(sharding.path_name(p).split("/")): (x.shape, x.sharding)
+            for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+    def match(path, x):
+      keys = tuple(sharding.path_name(path).split("/"))
+      for n in range(len(keys)):
+        hit = flat.get(keys[n:])
+        if hit is not None and hit[0] == x.shape:
+          return hit[1]
+      return rep
+    shs = jax.tree_util.tree_map_with_path(match, shapes)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shs)
 
 
 def optimizer(config, params, updates: int, ocfg=None):
