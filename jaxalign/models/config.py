@@ -27,7 +27,7 @@ class ModelConfig:
   rope_scaling: tuple[tuple[str, Any], ...] | None = None  # HF rope_parameters minus theta, as sorted items.
   norm_eps: float = 1e-5
   norm_offset: bool = False  # Gemma: RMSNorm scales by (1 + w).
-  act: str = "silu"  # 'silu' (SwiGLU) or 'gelu_tanh' (GeGLU).
+  act: str = "silu"  # 'silu' (SwiGLU), 'gelu_tanh' (GeGLU, tanh form) or 'gelu' (GeGLU, exact erf form).
   qkv_bias: bool = False  # Qwen2.
   qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE.
   embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size).
@@ -57,8 +57,8 @@ class ModelConfig:
       raise ValueError(f"model.family={self.family!r}: expected one of {FAMILIES}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-    if self.act not in ("silu", "gelu_tanh"):
-      raise ValueError(f"act={self.act!r}: expected 'silu' or 'gelu_tanh'")
+    if self.act not in ("silu", "gelu_tanh", "gelu"):
+      raise ValueError(f"act={self.act!r}: expected 'silu', 'gelu_tanh' or 'gelu'")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"remat={self.remat!r}: expected none|full|dots")
     if self.attention not in ("auto", "dense", "fused"):

@@ -22,8 +22,10 @@ from jaxalign.metrics import to_host
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
               "I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+# transformers' ACT2FN names -> ours. "gelu" is the exact (erf) GELU everywhere it is read; Gemma 1's config
+# itself rewrites its legacy hidden_act="gelu" to the tanh form before we see it, as transformers runs it.
 _ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
-         "gelu": "gelu_tanh"}
+         "gelu_new": "gelu_tanh", "gelu": "gelu"}
 
 
 # ----------------------------------------------------------------------------------------------- config mapping
@@ -81,7 +83,7 @@ def config_to_hf(cfg: ModelConfig, *, sequence_classification: bool = False):
 
   rope = {"rope_theta": cfg.rope_theta, **dict(cfg.rope_scaling or ())}
   rope.setdefault("rope_type", "default")
-  act = "gelu_pytorch_tanh" if cfg.act == "gelu_tanh" else "silu"
+  act = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}.get(cfg.act, "silu")
   kw: dict[str, Any] = dict(
       vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,

@@ -257,7 +257,9 @@ def apply_rope(x_BTNH, sin_BTH, cos_BTH):
 
 
 def _act(cfg: ModelConfig, x):
-  return jax.nn.silu(x) if cfg.act == "silu" else jax.nn.gelu(x, approximate=True)
+  if cfg.act == "silu":
+    return jax.nn.silu(x)
+  return jax.nn.gelu(x, approximate=cfg.act == "gelu_tanh")
 
 
 def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_args, window, kv, cache,

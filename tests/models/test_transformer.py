@@ -36,6 +36,22 @@ def test_hf_parity(hf_factory, family):
     assert np.abs((out - ref) * mask[..., None]).max() <= 1e-4, family
 
 
+@pytest.mark.parametrize("family,kw", [("llama", {"hidden_act": "gelu"}), ("gemma2", {"hidden_activation": "gelu"}),
+                                       ("gemma", {"hidden_act": "gelu"})])
+def test_gelu_is_mapped_as_transformers_runs_it(hf_factory, family, kw):
+  """Exact GELU where transformers uses it (Llama hidden_act, Gemma 2 hidden_activation "gelu"); Gemma 1's
+  legacy "gelu" is the tanh form, as its config rewrites it. A tanh-for-exact mix-up moves logits ~1e-3."""
+  path = hf_factory(family, **kw)
+  cfg = hf.config_from_hf(path)
+  assert cfg.act == ("gelu_tanh" if family == "gemma" else "gelu")
+  params = hf.load_params(path, cfg)
+  tok, mask = _padded_batch()
+  with torch.no_grad():
+    ref = hf_models.load(path)(input_ids=torch.tensor(tok), attention_mask=torch.tensor(mask)).logits.numpy()
+  out = np.asarray(T.forward(cfg, params, jnp.asarray(tok), None, jnp.asarray(mask, jnp.int32))[0])
+  assert np.abs((out - ref) * mask[..., None]).max() <= 1e-4, family
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2"])
 def test_hf_round_trip(hf_factory, tmp_path, family):
   path = hf_factory(family)
