@@ -303,7 +303,18 @@ def hf_tensors(cfg: ModelConfig, params: dict, dtype=None) -> Iterator[tuple[str
 
 def save_params(path: str, cfg: ModelConfig, params: dict, *, head: dict | None = None, dtype=None,
                 max_shard_bytes: int = 4 << 30, tokenizer=None):
-  """Write an HF checkpoint directory; with `head` (scalar head params) a SequenceClassification model."""
+  """Write an HF checkpoint directory; with `head` (scalar head params) a SequenceClassification model.
+
+  LoRA params (adapters present, `cfg.lora_rank` > 0) are merged into the base weights first: a transformers
+  checkpoint has no place for them, and writing the base alone would silently drop the training."""
+  has_adapters = any(k.startswith("lora_") for k in params.get("layers", {}))
+  if has_adapters or cfg.lora_rank:
+    from jaxalign.models import lora
+    if not (has_adapters and cfg.lora_rank):
+      raise ValueError(f"hf.save_params: params {'hold' if has_adapters else 'lack'} LoRA adapters but the model "
+                       f"config has lora_rank={cfg.lora_rank}; pass the config the params were made with")
+    params = lora.merge(cfg, params)
+    cfg = cfg.replace(lora_rank=0)
   os.makedirs(path, exist_ok=True)
   seqcls = head is not None
   shards: list[dict[str, np.ndarray]] = [{}]

@@ -71,3 +71,17 @@ def test_merged_export_loads_in_transformers(tmp_path):
   ours = np.asarray(T.forward(CFG, params, jnp.asarray(tok))[0])
   assert np.abs(ours - ref).max() <= 1e-4
   assert not os.path.exists(str(tmp_path / "adapter_config.json"))
+
+
+def test_saving_lora_params_merges_the_adapters(tmp_path):
+  """hf.save_params given adapted params writes the merged model (it used to write the base and drop the
+  adapters without a word)."""
+  params = T.init_params(CFG, jax.random.key(0))
+  params["layers"] = {k: (v + 0.05 if k.startswith("lora_b") else v) for k, v in params["layers"].items()}
+  hf.save_params(str(tmp_path), CFG, params)
+  tok = np.random.default_rng(1).integers(0, 256, (2, 10))
+  with torch.no_grad():
+    ref = hf_models.load(str(tmp_path))(input_ids=torch.tensor(tok)).logits.numpy()
+  ours = np.asarray(T.forward(CFG, params, jnp.asarray(tok))[0])
+  base = np.asarray(T.forward(CFG, params, jnp.asarray(tok), use_lora=False)[0])
+  assert np.abs(ours - ref).max() <= 1e-4 < np.abs(base - ref).max()
