@@ -95,7 +95,7 @@ def report(r: dict) -> list[str]:
   sps = lambda k: (r[k]["samples_per_iteration"] / r[k]["median_s"]) if r.get(k) else None  # noqa: E731
   lines.append(f"| GRPO iteration (samples/s) | {_f1(sps('jaxalign_grpo'))} | - | {_f1(sps('trl_grpo'))} (TRL GRPOTrainer) "
                f"| - | {_ratio(sps('jaxalign_grpo'), sps('trl_grpo'))} |")
-  lines.append(f"| PPO iteration (samples/s) | {_f1(sps('jaxalign_ppo'))} | - | - (TRL 1.16 has no PPO trainer) | - | - |")
+  lines.append(f"| PPO iteration (samples/s) | {_f1(sps('jaxalign_ppo'))} | - | - (not run: TRL 1.16 has PPO only in trl.experimental) | - | - |")
   lines.append(f"| reward-model step (pairs/s) | {_f1(pairs('jaxalign_reward'))} | - | - | - | - |")
   ntok = lambda k: (r[k]["new_tokens"] / r[k]["median_s"]) if r.get(k) else None  # noqa: E731
   lines.append(f"| sampler (new tokens/s) | {_n(ntok('jaxalign_sampler'))} | - | {_n(ntok('torch_generate'))} (generate) "

@@ -211,6 +211,10 @@ def response_example(tokenizer, prompt: Any, response: Any, where: str, add_eos:
 def pair_example(tokenizer, row: dict, where: str, *, seq_len: int, max_prompt_len: int, add_eos: bool,
                  too_long: str = "truncate") -> PairExample | None:
   """prompt/chosen/rejected (explicit or implicit prompt) -> PairExample under the pair truncation policy."""
+  missing = [k for k in ("chosen", "rejected") if k not in row]
+  if missing:
+    raise DataError(f"{where}: a preference stage needs 'chosen' and 'rejected' fields; this record has "
+                    f"{sorted(row)} (prompt-only data is for PPO/GRPO; SFT data for the sft stage)")
   prompt, chosen, rejected = row.get("prompt", ""), row["chosen"], row["rejected"]
   if not prompt:
     prompt, chosen, rejected = split_implicit_prompt(chosen, rejected)

@@ -173,6 +173,19 @@ def test_batch_not_divisible_by_data_axes(tiny):
     setup.make_mesh(cfg)
 
 
+def test_preference_stage_given_prompt_only_data_names_the_fields(tiny, tmp_path):
+  """It ended in KeyError: 'chosen' inside tokenisation."""
+  from jaxalign.data import datasets
+  from jaxalign.data.sources import DataError
+  path = tmp_path / "prompts.jsonl"
+  path.write_text("".join(json.dumps({"prompt": f"the movie {i}"}) + "\n" for i in range(20)))
+  cfg = load_config("dpo", "tiny", data__train=str(path), model__tokenizer=tiny["tokenizer"])
+  import transformers
+  tok = transformers.AutoTokenizer.from_pretrained(tiny["tokenizer"])
+  with pytest.raises(DataError, match=r"prompts.jsonl row \d+: a preference stage needs 'chosen' and 'rejected'"):
+    datasets.pair_examples(cfg, tok)
+
+
 def test_missing_field_and_empty_prompt():
   from jaxalign.data import formats
   from jaxalign.data.sources import DataError
