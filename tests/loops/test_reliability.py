@@ -186,6 +186,14 @@ def test_preference_stage_given_prompt_only_data_names_the_fields(tiny, tmp_path
     datasets.pair_examples(cfg, tok)
 
 
+def test_unknown_loss_type_is_refused_before_any_model_loads(tmp_path):
+  """It was caught only after the models loaded, and the list of valid types left out kto."""
+  from jaxalign.loops import dpo
+  cfg = load_config("dpo", "tiny", loss__type="sigmod", model__init=str(tmp_path / "does_not_exist"))
+  with pytest.raises(ValueError, match=r"loss.type='sigmod': expected one of sigmoid, .*orpo or kto"):
+    dpo.build(cfg, str(tmp_path / "wd"))
+
+
 def test_missing_field_and_empty_prompt():
   from jaxalign.data import formats
   from jaxalign.data.sources import DataError
