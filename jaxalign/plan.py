@@ -85,8 +85,7 @@ def _row(compiled, topo) -> dict:
     row = {"argument_bytes": int(mem.argument_size_in_bytes), "output_bytes": int(mem.output_size_in_bytes),
            "alias_bytes": int(mem.alias_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes)}
     row["peak_bytes"] = row["argument_bytes"] + row["output_bytes"] - row["alias_bytes"] + row["temp_bytes"]
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) and cost else (cost or {})
+  cost = _cost(compiled)
   row["xla_flops_per_device"] = float(cost.get("flops", 0.0))
   if topo is not None and cost.get("optimal_seconds"):
     row["step_seconds"] = float(cost["optimal_seconds"])
@@ -119,13 +118,18 @@ def _program_times(config, mesh, layers: int) -> dict:
   out = {}
   for name, (fn, args) in parts.programs.items():
     try:
-      cost = fn.lower(*args).compile().cost_analysis()
+      cost = _cost(fn.lower(*args).compile())
     except Exception:  # Even one or two layers do not fit: no time estimate.
       continue
-    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else (cost or {})
     if cost.get("optimal_seconds"):
       out[name] = float(cost["optimal_seconds"])
   return out
+
+
+def _cost(compiled) -> dict:
+  """XLA's cost analysis as one dict (older jax returns a list of one)."""
+  cost = compiled.cost_analysis()
+  return cost[0] if isinstance(cost, (list, tuple)) and cost else (cost or {})
 
 
 def _num_layers(config) -> int:

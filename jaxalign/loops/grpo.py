@@ -27,13 +27,14 @@ class Iteration:
     self.tok, self.mesh, self.response_len = tok, mesh, response_len
 
   def rewards(self, ro) -> jax.Array:
-    """[B, F] reward-function values as a global array: each process decodes and scores its own rows."""
-    rows = local_rows(ro.mask_BN)
-    values = np.zeros((rows.shape[0], len(self.functions)), np.float32)
+    """[B, F] reward-function values as a global array: each process decodes and scores its own rows (one
+    device-to-host copy of its tokens; none without reward functions)."""
+    values = np.zeros((ro.mask_BN.shape[0] // jax.process_count(), len(self.functions)), np.float32)
     if self.functions:
-      comps = reward_functions.decode(self.tok, local_rows(ro.tokens_BS)[:, -self.response_len:], rows)
-      p = ro.tokens_BS.shape[1] - self.response_len
-      prompts = self.tok.batch_decode(local_rows(ro.tokens_BS)[:, :p], skip_special_tokens=True)
+      tokens = local_rows(ro.tokens_BS)
+      p = tokens.shape[1] - self.response_len
+      comps = reward_functions.decode(self.tok, tokens[:, p:], local_rows(ro.mask_BN))
+      prompts = self.tok.batch_decode(tokens[:, :p], skip_special_tokens=True)
       values = reward_functions.values(self.functions, prompts, comps)
     return jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh), values)
 

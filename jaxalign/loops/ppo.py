@@ -4,6 +4,7 @@ reward run; `steps.ppo.ppo_iteration` jitted once is the step. `Parts` for the d
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -25,15 +26,17 @@ def rollout_settings(config):
   if new < 1:
     raise ValueError(f"train.seq_len={config.train.seq_len} leaves no room for a response after "
                      f"rollout.prompt_len={r.prompt_len}: train.seq_len is the prompt plus the response")
-  return _Rollout(r.prompt_len, new, r.temperature, r.top_k, r.top_p)
+  return _Rollout(int(r.prompt_len), int(new), float(r.temperature), int(r.top_k), float(r.top_p))
 
 
-class _Rollout:
+class _Rollout(NamedTuple):
   """Immutable sampler settings (what `steps.policy.sample` reads)."""
 
-  def __init__(self, prompt_len, max_new_tokens, temperature, top_k, top_p):
-    self.prompt_len, self.max_new_tokens = int(prompt_len), int(max_new_tokens)
-    self.temperature, self.top_k, self.top_p = float(temperature), int(top_k), float(top_p)
+  prompt_len: int
+  max_new_tokens: int
+  temperature: float
+  top_k: int
+  top_p: float
 
 
 def prompt_spec(config, mesh, rows: int | None = None) -> dict:

@@ -11,7 +11,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
@@ -329,7 +328,3 @@ def batch_evaluator(eval_fn, metrics_fn, eval_batches, state_sh, mesh):
     return {k: float(v) for k, v in metrics_fn(fetch(sums)).items()}
 
   return evaluate
-
-
-def int_spec(*shape):
-  return (shape, np.int32)

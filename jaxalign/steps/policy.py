@@ -122,7 +122,7 @@ def minibatch_epochs(update: Callable, carry, data, rng, *, epochs: int, minibat
   groups of consecutive rows (GRPO's prompt groups stay together). Metrics: floats averaged over every
   minibatch, int32 flags as their max."""
   rows = jax.tree.leaves(data)[0].shape[0]
-  if rows % minibatches or (rows // group) % minibatches and group > 1:
+  if rows % minibatches or (group > 1 and (rows // group) % minibatches):
     raise ValueError(f"{rows} {what} are not divisible into {minibatches} minibatches"
                      + (f" of whole groups of {group}" if group > 1 else ""))
 
