@@ -53,7 +53,8 @@ def compile_plan(config, topology: str = "", num_slices: int = 1, *, extrapolate
                    "peak_flops_per_device": peak}
   for name, (fn, args) in parts.programs.items():
     try:
-      out["programs"][name] = _row(fn.lower(*args).compile(), topo)
+      with jax.set_mesh(mesh):
+        out["programs"][name] = _row(fn.lower(*args).compile(), topo)
     except Exception as e:  # The TPU compiler refuses a program that cannot fit: report it, do not crash.
       out["programs"][name] = _oom_row(str(e), args)
   layers = _num_layers(config)
@@ -118,7 +119,8 @@ def _program_times(config, mesh, layers: int) -> dict:
   out = {}
   for name, (fn, args) in parts.programs.items():
     try:
-      cost = _cost(fn.lower(*args).compile())
+      with jax.set_mesh(mesh):
+        cost = _cost(fn.lower(*args).compile())
     except Exception:  # Even one or two layers do not fit: no time estimate.
       continue
     if cost.get("optimal_seconds"):

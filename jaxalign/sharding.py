@@ -2,6 +2,12 @@
 
 Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with sharded params and optimizer state),
 `tensor` (Megatron-style model parallel over heads, MLP width and vocab). Batches shard over (data, fsdp).
+
+Activations are named as explicitly as params (`act_*` rows of the same table) and constrained inside the
+model with `constrain`, which reads the mesh that `jax.set_mesh` put in context (a no-op without one, so a
+step traced without a mesh is unchanged). Why: with params sharded over their embed dim and nothing said about
+activations, XLA's propagation partitions each matmul over its contracting dim and every chip holds
+global-batch-shaped activations and logits (an 8B SFT step at 4k on v5p-64: 190 GiB of temporaries per chip).
 """
 
 from __future__ import annotations
@@ -33,6 +39,15 @@ RULES: dict[str, Any] = {
     "layers": None,
     "lora_rank": None,
     "scalar": None,
+    # Activations: batch over the data axes, heads / MLP width / vocab over tensor, the residual stream whole
+    # per row (Megatron: its matmuls all-gather the fsdp-sharded weights, not the activations).
+    "act_batch": BATCH,
+    "act_length": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
 }
 
 
@@ -93,6 +108,16 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules
     used.update(mesh_axes)
     out.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
   return P(*out)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """`x` constrained to the logical `axes` under the mesh in context (`jax.set_mesh`); unchanged without one.
+
+  A dimension its mesh axes do not divide stays unsharded (as for params), so odd batch sizes still trace."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return x
+  return jax.lax.with_sharding_constraint(x, spec_for(axes, x.shape, mesh, name="activation"))
 
 
 def path_name(path) -> str:

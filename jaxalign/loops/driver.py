@@ -139,7 +139,15 @@ def _restore(ckpt: Checkpointer, step: int, state: TrainState, mesh) -> tuple[Tr
 
 
 def run(parts: Parts, config, workdir: str) -> TrainState:
-  """Train `parts.state` to train.steps: resume, step, log, eval, checkpoint, stop on SIGTERM, export."""
+  """Train `parts.state` to train.steps: resume, step, log, eval, checkpoint, stop on SIGTERM, export.
+
+  Everything runs with the stage's mesh in context (`jax.set_mesh`): the model's activation constraints
+  (`sharding.constrain`) read it when the steps are traced."""
+  with jax.set_mesh(parts.mesh):
+    return _run(parts, config, workdir)
+
+
+def _run(parts: Parts, config, workdir: str) -> TrainState:
   nan_policy = config.train.nan_policy
   if nan_policy not in ("stop", "skip"):
     raise ValueError(f"train.nan_policy={nan_policy!r}: expected stop | skip")

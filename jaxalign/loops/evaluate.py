@@ -60,6 +60,11 @@ def build(config, workdir: str, *, mesh=None, abstract: bool = False) -> driver.
 def run(config, workdir: str) -> dict:
   """The evaluate stage: one sampled evaluation of model.init (and of compare.init for a win rate)."""
   parts = build(config, workdir)
+  with jax.set_mesh(parts.mesh):
+    return _run(parts, config, workdir)
+
+
+def _run(parts: driver.Parts, config, workdir: str) -> dict:
   ev: SampledEval = parts.evaluate
   sources = parts.sources
   metrics, texts = ev.run(parts.state.params["model"])

@@ -19,9 +19,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxalign import sharding
 from jaxalign.models import lora
 from jaxalign.models.attention import blockwise_causal, dense_attention, fused_attention, make_mask
 from jaxalign.models.config import ModelConfig
+
+
+# Logical axes of the activations (jaxalign.sharding's table): constrained at each block boundary and inside
+# attention and the MLP, as MaxText does, so no chip holds a global-batch-sized activation.
+BTD = ("act_batch", "act_length", "act_embed")
+BTNH = ("act_batch", "act_length", "act_heads", None)
+BTKH = ("act_batch", "act_length", "act_kv_heads", None)
+BTF = ("act_batch", "act_length", "act_mlp")
+BTV = ("act_batch", "act_length", "act_vocab")
+_c = sharding.constrain
 
 
 class KVCache(NamedTuple):
@@ -117,7 +128,7 @@ class Transformer(nnx.Module):
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     w_DV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-    logits_BTV = dense(h_BTD.astype(dt), w_DV.astype(dt), preferred=jnp.float32)
+    logits_BTV = _c(dense(h_BTD.astype(dt), w_DV.astype(dt), preferred=jnp.float32), BTV)
     if cfg.final_softcap:
       logits_BTV = jnp.tanh(logits_BTV / cfg.final_softcap) * cfg.final_softcap
     return logits_BTV
@@ -136,7 +147,7 @@ class Transformer(nnx.Module):
       positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones((b, t), jnp.int32)
-    x_BTD = jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt)
+    x_BTD = _c(jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt), BTD)
     if cfg.embed_scale:
       x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
     sin_BTH, cos_BTH = rope_tables(cfg, positions_BT)
@@ -155,8 +166,8 @@ class Transformer(nnx.Module):
 
     def body(x_BTD, layer):
       p, window, kv = layer
-      x_BTD, kv = _block(cfg, p, x_BTD, sin_BTH, cos_BTH, mask_args, window, kv, cache, use_lora)
-      return x_BTD, kv
+      x_BTD, kv = _block(cfg, p, _c(x_BTD, BTD), sin_BTH, cos_BTH, mask_args, window, kv, cache, use_lora)
+      return _c(x_BTD, BTD), kv
 
     if cfg.remat != "none":
       policy = (jax.checkpoint_policies.checkpoint_dots if cfg.remat == "dots"
@@ -178,7 +189,7 @@ class Transformer(nnx.Module):
           ks.append(kv[0])
           vs.append(kv[1])
       kv_out = (tuple(ks), tuple(vs))
-    h_BTD = rms_norm(x_BTD, self.final_norm[...], cfg)
+    h_BTD = _c(rms_norm(x_BTD, self.final_norm[...], cfg), BTD)
     if cache is not None:
       cache = KVCache(kv_out[0], kv_out[1], k_seg, k_pos, cache.index + t)
     return h_BTD, cache
@@ -275,9 +286,9 @@ def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_ar
     return y
 
   h_BTD = rms_norm(x_BTD, p["attn_norm"], cfg)
-  q_BTNH = proj(h_BTD, "wq")
-  k_BTKH = proj(h_BTD, "wk")
-  v_BTKH = proj(h_BTD, "wv")
+  q_BTNH = _c(proj(h_BTD, "wq"), BTNH)
+  k_BTKH = _c(proj(h_BTD, "wk"), BTKH)
+  v_BTKH = _c(proj(h_BTD, "wv"), BTKH)
   if cfg.qkv_bias:
     q_BTNH, k_BTKH, v_BTKH = q_BTNH + c("bq"), k_BTKH + c("bk"), v_BTKH + c("bv")
   if cfg.qk_norm:
@@ -298,13 +309,13 @@ def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_ar
   scale = (cfg.query_scale or cfg.head_dim) ** -0.5
   o_BTNH = attend(cfg, q_BTNH, k_use, v_use, mask_BTS, scale, causal=cache is None,
                   cache_layout=cache is not None)
-  o_BTD = proj(o_BTNH, "wo", contract=2)
+  o_BTD = _c(proj(_c(o_BTNH, BTNH), "wo", contract=2), BTD)
   if cfg.post_norms:
     o_BTD = rms_norm(o_BTD, p["post_attn_norm"], cfg)
   x_BTD = x_BTD + o_BTD
   h_BTD = rms_norm(x_BTD, p["mlp_norm"], cfg)
-  g_BTF = _act(cfg, proj(h_BTD, "w_gate")) * proj(h_BTD, "w_up")
-  m_BTD = proj(g_BTF, "w_down")
+  g_BTF = _c(_act(cfg, _c(proj(h_BTD, "w_gate"), BTF)) * _c(proj(h_BTD, "w_up"), BTF), BTF)
+  m_BTD = _c(proj(g_BTF, "w_down"), BTD)
   if cfg.post_norms:
     m_BTD = rms_norm(m_BTD, p["post_mlp_norm"], cfg)
   return x_BTD + m_BTD, kv
