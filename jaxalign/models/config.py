@@ -47,6 +47,7 @@ class ModelConfig:
   remat: str = "none"  # 'none' | 'full' (recompute each layer in the backward) | 'dots' (keep matmul outputs).
   scan_layers: bool = True  # lax.scan over the stacked layers: compile time independent of depth.
   attention: str = "auto"  # 'auto' (fused unless soft-capped) | 'fused' (hand-written backward) | 'dense'.
+  vocab_tiles: int = 0  # LM head log-probs over this many vocabulary tiles (0 = auto: 1 up to 32k tokens).
   causal_blocks: bool = True  # Without a KV cache, skip key blocks after each query block (exact; faster).
   lora_rank: int = 0  # > 0 adds low-rank adapters (B = 0 at init) to `lora_targets`.
   lora_alpha: float = 16.0  # Adapter scale alpha / rank.
@@ -59,6 +60,8 @@ class ModelConfig:
       raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
     if self.act not in ("silu", "gelu_tanh", "gelu"):
       raise ValueError(f"act={self.act!r}: expected 'silu', 'gelu_tanh' or 'gelu'")
+    if self.vocab_tiles < 0 or (self.vocab_tiles and self.vocab_size % self.vocab_tiles):
+      raise ValueError(f"vocab_tiles={self.vocab_tiles}: must divide vocab_size={self.vocab_size} (0 = auto)")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"remat={self.remat!r}: expected none|full|dots")
     if self.attention not in ("auto", "dense", "fused"):
@@ -76,6 +79,17 @@ class ModelConfig:
       kind = self.layer_types[i] if self.layer_types else ("sliding_attention" if self.sliding_window else "full_attention")
       out.append(int(self.sliding_window) if kind == "sliding_attention" and self.sliding_window else 0)
     return out
+
+  def head_tiles(self) -> int:
+    """Vocabulary tiles of the LM head's log-probs (losses.lm.head_logprobs): `vocab_tiles`, or by default
+    1 up to a 32k vocabulary (the dense head: fastest for small ones) and else the fewest tiles of at most
+    16,384 tokens that divide the vocabulary (a 4k row's tile of float32 logits: 256 MiB)."""
+    if self.vocab_tiles:
+      return self.vocab_tiles
+    v = self.vocab_size
+    if v <= 32768:
+      return 1
+    return next(n for n in range(-(-v // 16384), v + 1) if v % n == 0)
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)

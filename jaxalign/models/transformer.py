@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxalign import sharding
+from jaxalign.losses import lm
 from jaxalign.models import lora
 from jaxalign.models.attention import blockwise_causal, dense_attention, fused_attention, make_mask
 from jaxalign.models.config import ModelConfig
@@ -123,11 +124,30 @@ class Transformer(nnx.Module):
     h_BTD, cache = self.hidden_states(tokens_BT, positions_BT, segment_ids_BT, cache, use_lora, layers)
     return self.logits(h_BTD if logits_at is None else h_BTD[:, logits_at]), cache
 
+  def head_weight(self) -> jax.Array:
+    """The LM head [D, V] (the embedding, transposed, when tied)."""
+    return self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+
+  def token_logprobs(self, h_BTD, targets_BT, temperature: float = 1.0):
+    """(log p(targets) [B, T], entropy [B, T]) from final-normed hidden states, float32, under
+    softmax(logits / temperature). Over `cfg.head_tiles()` vocabulary tiles (losses.lm.head_logprobs) no
+    [B, T, V] logits exist; with one tile it is the dense head (unused entropy is dropped by jit)."""
+    cfg = self.cfg
+    tiles = cfg.head_tiles()
+    if tiles == 1:
+      logits_BTV = self.logits(h_BTD)
+      if temperature != 1.0:
+        logits_BTV = logits_BTV / temperature
+      return lm.token_logprobs(logits_BTV, targets_BT), lm.token_entropy(logits_BTV)
+    dt = jnp.dtype(cfg.dtype)
+    return lm.head_logprobs(h_BTD.astype(dt), self.head_weight().astype(dt), targets_BT, tiles=tiles,
+                            temperature=temperature, softcap=cfg.final_softcap)
+
   def logits(self, h_BTD) -> jax.Array:
     """Final-normed hidden states -> float32 logits (soft-capped for Gemma 2)."""
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
-    w_DV = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+    w_DV = self.head_weight()
     logits_BTV = _c(dense(h_BTD.astype(dt), w_DV.astype(dt), preferred=jnp.float32), BTV)
     if cfg.final_softcap:
       logits_BTV = jnp.tanh(logits_BTV / cfg.final_softcap) * cfg.final_softcap
@@ -384,6 +404,18 @@ def forward(cfg: ModelConfig, params, tokens_BT, positions_BT=None, segment_ids_
             use_lora: bool = True, logits_at: slice | None = None):
   """Pure forward: float32 logits [B, T, V] (only at `logits_at`, if given) and the updated cache."""
   return bind(cfg, params)(tokens_BT, positions_BT, segment_ids_BT, cache, use_lora, logits_at=logits_at)
+
+
+def token_logprobs(cfg: ModelConfig, params, tokens_BT, positions_BT, segment_ids_BT, targets_BW, *,
+                   at: slice | None = None, use_lora: bool = True, temperature: float = 1.0):
+  """Pure: (log p(targets) [B, W], entropy [B, W]) predicted at the static positions `at` (default the last
+  W: a loss window's targets), through the tiled LM head: the steps' way to log-probs (no [B, T, V] logits)."""
+  model = bind(cfg, params)
+  h_BTD, _ = model.hidden_states(tokens_BT, positions_BT, segment_ids_BT, None, use_lora)
+  w, t = targets_BW.shape[1], tokens_BT.shape[1]
+  at = slice(t - w, t) if at is None else at
+  return model.token_logprobs(h_BTD if (at.start or 0, at.stop) == (0, t) else h_BTD[:, at], targets_BW,
+                              temperature)
 
 
 def hidden_states(cfg: ModelConfig, params, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None,

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 
 from jaxalign import sharding
 from jaxalign.losses import preference
-from jaxalign.losses.lm import token_logprobs
 from jaxalign.models import transformer
 from jaxalign.steps.state import TrainState, accumulate, apply_update
 
@@ -22,12 +21,11 @@ REFERENCE_FREE = ("simpo", "orpo")
 def response_logps(model_cfg, params, batch, use_lora: bool = True):
   """(sum of response-token log-probs [B, 2], response token counts [B, 2]). Targets and weights may cover
   only the last W of the T columns (`data.loss_window`): logits are computed there only."""
-  b, _, t = batch["tokens"].shape
-  w = batch["targets"].shape[-1]
+  b = batch["tokens"].shape[0]
   flat = lambda k: batch[k].reshape(2 * b, batch[k].shape[-1])  # noqa: E731
-  logits, _ = transformer.forward(model_cfg, params, flat("tokens"), flat("positions"), flat("segment_ids"),
-                                  use_lora=use_lora, logits_at=None if w == t else slice(t - w, t))
-  lp_BT = token_logprobs(logits, flat("targets")) * flat("weights")
+  lp_BT, _ = transformer.token_logprobs(model_cfg, params, flat("tokens"), flat("positions"), flat("segment_ids"),
+                                        flat("targets"), use_lora=use_lora)
+  lp_BT = lp_BT * flat("weights")
   return lp_BT.sum(-1).reshape(b, 2), flat("weights").sum(-1).reshape(b, 2)
 
 

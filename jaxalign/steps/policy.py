@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign import sampling, sharding
-from jaxalign.losses.lm import token_entropy, token_logprobs
 from jaxalign.models import heads, transformer
 from jaxalign.steps.state import TrainState
 
@@ -41,25 +40,29 @@ class Rollout(NamedTuple):
 
 def response_logprobs(cfg, params, tokens_BS, positions_BS, segment_ids_BS, prompt_len: int, temperature: float,
                       with_entropy: bool = False, group: int = 1):
-  """Log-probs [B, N] (and entropy) of the response tokens under logits / temperature.
+  """Log-probs [B, N] (and entropy) of the response tokens under logits / temperature, through the
+  vocabulary-tiled LM head (no [B, N, V] logits for large vocabularies).
 
   `group` > 1: rows come in groups of that many responses to one prompt (GRPO's layout), and the prompt is
-  run once per group (`shared_prefix_logits`)."""
+  run once per group (`shared_prefix_hidden`)."""
+  targets_BN = tokens_BS[:, prompt_len:]
   if group > 1:
-    logits_BNV = shared_prefix_logits(cfg, params, tokens_BS, positions_BS, segment_ids_BS, prompt_len, group)
+    model = transformer.bind(cfg, params)
+    h_BND = shared_prefix_hidden(cfg, params, tokens_BS, positions_BS, segment_ids_BS, prompt_len, group)
+    lp_BN, ent_BN = model.token_logprobs(h_BND, targets_BN, temperature)
   else:
-    logits_BNV, _ = transformer.forward(cfg, params, tokens_BS, positions_BS, segment_ids_BS,
-                                        logits_at=slice(prompt_len - 1, tokens_BS.shape[1] - 1))
-  logits_BNV = logits_BNV / temperature
-  lp_BN = token_logprobs(logits_BNV, tokens_BS[:, prompt_len:])
-  return (lp_BN, token_entropy(logits_BNV)) if with_entropy else lp_BN
+    lp_BN, ent_BN = transformer.token_logprobs(cfg, params, tokens_BS, positions_BS, segment_ids_BS, targets_BN,
+                                               at=slice(prompt_len - 1, tokens_BS.shape[1] - 1),
+                                               temperature=temperature)
+  return (lp_BN, ent_BN) if with_entropy else lp_BN
 
 
-def shared_prefix_logits(cfg, params, tokens_BS, positions_BS, segment_ids_BS, prompt_len: int, group: int):
-  """Logits [B, N, V] predicting the response tokens, where each run of `group` rows shares its prompt.
+def shared_prefix_hidden(cfg, params, tokens_BS, positions_BS, segment_ids_BS, prompt_len: int, group: int):
+  """Final hidden states [B, N, D] predicting the response tokens, where each run of `group` rows shares its
+  prompt.
 
   The prompt goes through the model once per group, into a KV cache; the cache is repeated `group` times and
-  the responses attend to it. Exact (the same logits as a full forward of every row); the gradient reaches
+  the responses attend to it. Exact (the same states as a full forward of every row); the gradient reaches
   the prompt's keys and values summed over its group. It saves (group - 1) / group of the prompt's compute
   in the reference, old-policy and training passes."""
   bg, s = tokens_BS.shape
@@ -67,11 +70,10 @@ def shared_prefix_logits(cfg, params, tokens_BS, positions_BS, segment_ids_BS, p
   first = lambda x: x[:, :p].reshape(b, group, p)[:, 0]  # noqa: E731 - the group's prompt (identical rows).
   model = transformer.bind(cfg, params)
   cache = transformer.init_cache(cfg, b, s - 1)
-  last_b1V, cache = model(first(tokens_BS), first(positions_BS), first(segment_ids_BS), cache,
-                          logits_at=slice(-1, None))
-  resp_BnV, _ = model(tokens_BS[:, p:s - 1], positions_BS[:, p:s - 1], segment_ids_BS[:, p:s - 1],
-                      transformer.repeat_cache(cache, group))
-  return jnp.concatenate([jnp.repeat(last_b1V, group, axis=0), resp_BnV], axis=1)
+  h_bPD, cache = model.hidden_states(first(tokens_BS), first(positions_BS), first(segment_ids_BS), cache)
+  resp_BnD, _ = model.hidden_states(tokens_BS[:, p:s - 1], positions_BS[:, p:s - 1], segment_ids_BS[:, p:s - 1],
+                                    transformer.repeat_cache(cache, group))
+  return jnp.concatenate([jnp.repeat(h_bPD[:, -1:], group, axis=0), resp_BnD], axis=1)
 
 
 def response_values(cfg, params, tokens_BS, positions_BS, segment_ids_BS, prompt_len: int):

@@ -4,25 +4,24 @@
     state, metrics = jax.jit(step, donate_argnums=0)(state, batch)
 
 `batch` holds tokens, positions, segment_ids [B, T] and targets, weights [B, W] for the last W <= T
-positions (see jaxalign.data.batching): logits are computed only there.
+positions (see jaxalign.data.batching): log-probs are computed only there, through the vocabulary-tiled LM
+head (`transformer.token_logprobs`: no [B, T, V] logits for large vocabularies).
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxalign.losses.lm import token_logprobs
 from jaxalign.models import transformer
 from jaxalign.steps.state import TrainState, accumulate, apply_update
 
 
 def sft_loss(params, batch, *, model_cfg):
   """(sum of token NLL, (trained-token count, {})): the caller divides once over all microbatches."""
-  t, w = batch["tokens"].shape[1], batch["targets"].shape[1]
-  logits_BWV, _ = transformer.forward(model_cfg, params["model"], batch["tokens"], batch["positions"],
-                                      batch["segment_ids"], logits_at=None if w == t else slice(t - w, t))
+  lp_BW, _ = transformer.token_logprobs(model_cfg, params["model"], batch["tokens"], batch["positions"],
+                                        batch["segment_ids"], batch["targets"])
   w_BW = batch["weights"].astype(jnp.float32)
-  nll = -jnp.sum(token_logprobs(logits_BWV, batch["targets"]) * w_BW)
+  nll = -jnp.sum(lp_BW * w_BW)
   return nll, (jnp.sum(w_BW), {})
 
 

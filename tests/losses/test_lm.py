@@ -1,0 +1,68 @@
+"""The vocabulary-tiled LM head equals the dense one: log-probs, entropy and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxalign.losses import lm
+from jaxalign.models import transformer
+from jaxalign.models.config import preset
+
+
+def _dense(h, w, tgt, temperature, softcap):
+  z = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
+  if softcap:
+    z = jnp.tanh(z / softcap) * softcap
+  z = z / temperature
+  return lm.token_logprobs(z, tgt), lm.token_entropy(z)
+
+
+@pytest.mark.parametrize("tiles,temperature,softcap", [(4, 1.0, None), (8, 0.7, None), (2, 1.0, 3.0)])
+def test_head_logprobs_matches_dense(tiles, temperature, softcap):
+  k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(0), 4)
+  b, t, d, v = 2, 5, 16, 64
+  h = jax.random.normal(k1, (b, t, d))
+  w = jax.random.normal(k2, (d, v)) * 0.5
+  tgt = jax.random.randint(k3, (b, t), 0, v)
+  g = jax.random.normal(k4, (b, t))  # A non-uniform cotangent.
+  kw = dict(temperature=temperature, softcap=softcap)
+  lp, ent = lm.head_logprobs(h, w, tgt, tiles=tiles, **kw)
+  lp0, ent0 = _dense(h, w, tgt, **kw)
+  np.testing.assert_allclose(lp, lp0, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ent, ent0, rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda h, w: jnp.sum(f(h, w)[0] * g)  # noqa: E731
+  grads = jax.grad(loss(lambda h, w: lm.head_logprobs(h, w, tgt, tiles=tiles, **kw)), argnums=(0, 1))(h, w)
+  grads0 = jax.grad(loss(lambda h, w: _dense(h, w, tgt, **kw)), argnums=(0, 1))(h, w)
+  for a, b_ in zip(grads, grads0):
+    np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5)
+
+
+def test_head_tiles_refuses_a_non_divisor():
+  with pytest.raises(ValueError, match="do not divide"):
+    lm.head_logprobs(jnp.zeros((1, 2, 4)), jnp.zeros((4, 10)), jnp.zeros((1, 2), jnp.int32), tiles=3)
+
+
+def test_auto_tiles():
+  assert preset("tiny").head_tiles() == 1
+  assert preset("tiny", vocab_size=128256).head_tiles() == 8  # 16,032 tokens per tile.
+  assert preset("tiny", vocab_size=152064).head_tiles() == 11  # 13,824 per tile.
+  assert preset("tiny", vocab_size=262144).head_tiles() == 16
+
+
+def test_model_log_probs_tiled_equal_dense():
+  """Through the model (tied embeddings, as Gemma), a tiled head gives the dense head's loss and gradient."""
+  cfg1 = preset("tiny", tie_embeddings=True, final_softcap=5.0, vocab_tiles=1)
+  cfg4 = cfg1.replace(vocab_tiles=4)
+  params = transformer.init_params(cfg1, jax.random.PRNGKey(1))
+  tok = jax.random.randint(jax.random.PRNGKey(2), (2, 12), 0, cfg1.vocab_size)
+
+  def loss(cfg):
+    return lambda p: -jnp.sum(transformer.token_logprobs(cfg, p, tok, None, None, tok[:, 4:],
+                                                         at=slice(3, 11), temperature=0.9)[0])
+
+  v1, g1 = jax.value_and_grad(loss(cfg1))(params)
+  v4, g4 = jax.value_and_grad(loss(cfg4))(params)
+  np.testing.assert_allclose(v4, v1, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
