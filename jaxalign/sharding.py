@@ -120,6 +120,13 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, spec_for(axes, x.shape, mesh, name="activation"))
 
 
+def platform() -> str:
+  """The platform the program being traced is for: the mesh in context's (a TPU topology in a compile plan
+  made on a CPU machine), else the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return mesh.abstract_device.platform if not mesh.empty else jax.default_backend()
+
+
 def path_name(path) -> str:
   """A tree path as 'layers/wq' (the name rules, freeze patterns and errors use)."""
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)

@@ -26,7 +26,8 @@ def model_overrides(model_cfg) -> dict:
   """The model.* keys that override a checkpoint's architecture config."""
   return dict(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, remat=model_cfg.remat,
             scan_layers=model_cfg.scan_layers, attention=model_cfg.attention, lora_rank=model_cfg.lora_rank,
-            lora_alpha=model_cfg.lora_alpha, lora_targets=tuple(model_cfg.lora_targets))
+            lora_alpha=model_cfg.lora_alpha, lora_targets=tuple(model_cfg.lora_targets),
+            vocab_tiles=model_cfg.get("vocab_tiles", 0))
 
 
 def tokenizer_path(init: str, explicit: str = "") -> str:

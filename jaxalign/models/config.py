@@ -46,7 +46,9 @@ class ModelConfig:
   dtype: str = "float32"  # Matmul dtype (bfloat16 on accelerators); logits and softmax stay float32.
   remat: str = "none"  # 'none' | 'full' (recompute each layer in the backward) | 'dots' (keep matmul outputs).
   scan_layers: bool = True  # lax.scan over the stacked layers: compile time independent of depth.
-  attention: str = "auto"  # 'auto' (fused unless soft-capped) | 'fused' (hand-written backward) | 'dense'.
+  # 'auto': splash on TPU, else fused unless soft-capped | 'fused' (hand-written backward) | 'dense' | 'splash'
+  # (the Pallas TPU kernel; Pallas interpret mode off TPU: for tests).
+  attention: str = "auto"
   vocab_tiles: int = 0  # LM head log-probs over this many vocabulary tiles (0 = auto: 1 up to 32k tokens).
   causal_blocks: bool = True  # Without a KV cache, skip key blocks after each query block (exact; faster).
   lora_rank: int = 0  # > 0 adds low-rank adapters (B = 0 at init) to `lora_targets`.
@@ -64,8 +66,8 @@ class ModelConfig:
       raise ValueError(f"vocab_tiles={self.vocab_tiles}: must divide vocab_size={self.vocab_size} (0 = auto)")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"remat={self.remat!r}: expected none|full|dots")
-    if self.attention not in ("auto", "dense", "fused"):
-      raise ValueError(f"attention={self.attention!r}: expected auto|dense|fused")
+    if self.attention not in ("auto", "dense", "fused", "splash"):
+      raise ValueError(f"attention={self.attention!r}: expected auto|dense|fused|splash")
     bad = set(self.lora_targets) - set(LORA_SHAPES)
     if bad:
       raise ValueError(f"lora_targets {sorted(bad)}: expected a subset of {sorted(LORA_SHAPES)}")

@@ -21,7 +21,7 @@ from flax import nnx
 
 from jaxalign import sharding
 from jaxalign.losses import lm
-from jaxalign.models import lora
+from jaxalign.models import lora, splash
 from jaxalign.models.attention import blockwise_causal, dense_attention, fused_attention, make_mask
 from jaxalign.models.config import ModelConfig
 
@@ -325,10 +325,13 @@ def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_ar
     k_use, v_use = k_all.astype(dt), v_all.astype(dt)
   else:
     k_use, v_use = k_BTKH, v_BTKH
-  mask_BTS = make_mask(*mask_args, window)
   scale = (cfg.query_scale or cfg.head_dim) ** -0.5
-  o_BTNH = attend(cfg, q_BTNH, k_use, v_use, mask_BTS, scale, causal=cache is None,
-                  cache_layout=cache is not None)
+  if cache is None and use_splash(cfg, q_BTNH.shape[1]):
+    o_BTNH = splash.attention(q_BTNH, k_use, v_use, mask_args[0], scale=scale, softcap=cfg.attn_softcap,
+                              windows=tuple(sorted(set(cfg.window_sizes()))), window=window)
+  else:
+    o_BTNH = attend(cfg, q_BTNH, k_use, v_use, make_mask(*mask_args, window), scale, causal=cache is None,
+                    cache_layout=cache is not None)
   o_BTD = _c(proj(_c(o_BTNH, BTNH), "wo", contract=2), BTD)
   if cfg.post_norms:
     o_BTD = rms_norm(o_BTD, p["post_attn_norm"], cfg)
@@ -339,6 +342,14 @@ def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_ar
   if cfg.post_norms:
     m_BTD = rms_norm(m_BTD, p["post_mlp_norm"], cfg)
   return x_BTD + m_BTD, kv
+
+
+def use_splash(cfg: ModelConfig, t: int) -> bool:
+  """Splash attention (models/splash.py) for a forward without a KV cache: `attention='splash'`, or 'auto'
+  when the mesh in context (else the default backend) is a TPU; lengths it cannot tile keep the XLA path."""
+  if cfg.attention == "auto":
+    return sharding.platform() == "tpu" and splash.supported(t)
+  return cfg.attention == "splash" and splash.supported(t)
 
 
 def attend(cfg: ModelConfig, q_BTNH, k, v, mask_BTS, scale, causal: bool = False, cache_layout: bool = False):
