@@ -46,7 +46,9 @@ def attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, scale: float, softcap: 
   """Causal self-attention [B, T, N, H] without a KV cache (queries and keys are the same T slots).
 
   `windows`: the distinct per-layer windows (0 = full); `window`: this layer's (traced, from the layer scan)
-  when there are several. `interpret`: Pallas interpret mode (default: off TPU)."""
+  when there are several. A window counts slots (the kernel's masks are static), which equals the XLA path's
+  count of positions wherever positions run consecutively within a segment: every real token of a packed
+  or padded row; only padding's (unused) outputs differ. `interpret`: Pallas interpret mode (default: off TPU)."""
   b, t, n, h = q_BTNH.shape
   kh = k_BTKH.shape[2]
   mesh = jax.sharding.get_abstract_mesh()
