@@ -3,7 +3,8 @@
 A run directory holds `run.json` (stage, model config, tokenizer, where each model came from) and
 `checkpoints/<step>/` with items such as `params`, `opt_state`, `meta` (step, rng, counters) and `data`
 (the data position, JSON). Orbax writes each checkpoint to a temporary directory and renames it when
-complete, so a checkpoint interrupted mid-write is never picked up.
+complete (on GCS, where a rename is a copy: in place, then a commit marker file), so a checkpoint interrupted
+mid-write is never picked up. Every path may be local or a bucket (gs://): orbax writes through tensorstore.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from jaxalign import paths
 from jaxalign.models.config import ModelConfig
 
 RUN_FILE = "run.json"
@@ -34,7 +35,7 @@ class Checkpointer:
     opts = ocp.CheckpointManagerOptions(
         max_to_keep=keep, best_fn=best_fn, best_mode=best_mode, keep_checkpoints_without_metrics=True,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
-    self.mngr = ocp.CheckpointManager(os.path.abspath(directory), options=opts,
+    self.mngr = ocp.CheckpointManager(paths.resolve(directory), options=opts,
                                       item_names=(*items, "data"))
 
   def latest_step(self) -> int | None:
@@ -72,20 +73,16 @@ def abstract_like(tree, shardings=None):
 
 def write_run_info(workdir: str, info: dict):
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = os.path.join(workdir, RUN_FILE + ".tmp")
-    with open(tmp, "w") as f:
-      json.dump(info, f, indent=2, default=str)
-    os.replace(tmp, os.path.join(workdir, RUN_FILE))
+    paths.makedirs(workdir)
+    paths.write_json(paths.join(workdir, RUN_FILE), info, default=str)
 
 
 def read_run_info(workdir: str) -> dict:
-  with open(os.path.join(workdir, RUN_FILE)) as f:
-    return json.load(f)
+  return json.loads(paths.read_text(paths.join(workdir, RUN_FILE)))
 
 
 def is_run_dir(path: str) -> bool:
-  return bool(path) and os.path.exists(os.path.join(path, RUN_FILE))
+  return bool(path) and paths.exists(paths.join(path, RUN_FILE))
 
 
 def model_config_dict(cfg: ModelConfig) -> dict:
@@ -113,7 +110,7 @@ def restore_params_from_run(run_dir: str, abstract_params: dict, step: int | Non
 
   `abstract_params` may name a subset of what was saved (e.g. only 'model' from a reward checkpoint).
   """
-  ckpt_dir = os.path.join(os.path.abspath(run_dir), "checkpoints")
+  ckpt_dir = paths.join(paths.resolve(run_dir), "checkpoints")
   mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True),
                                item_handlers={"params": ocp.StandardCheckpointHandler()})
   step = mngr.latest_step() if step is None else step

@@ -31,9 +31,9 @@ def init_distributed(mode: str, coordinator=None, num_processes=None, process_id
 
 
 def quiet_libraries():
-  """Orbax logs every file it renames at INFO; keep its warnings and errors only."""
+  """Orbax logs every file it renames at INFO, fsspec every remote file it opens; keep their warnings and errors."""
   logging.getLogger("absl").addFilter(lambda r: r.levelno >= logging.WARNING or "orbax" not in r.pathname)
-  for name in ("jax._src.xla_bridge", "jax._src.distributed"):
+  for name in ("jax._src.xla_bridge", "jax._src.distributed", "fsspec", "gcsfs"):
     logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -44,8 +44,10 @@ def log_devices():
 
 def train(config, workdir: str) -> int:
   """Run the configured stage; returns the process exit code (0 also for a clean preemption stop)."""
+  from jaxalign.data.sources import DataError
   from jaxalign.loops import stages
   from jaxalign.loops.driver import CheckpointLayoutError, NonFiniteError, Preempted
+  from jaxalign.paths import PathError
 
   quiet_libraries()
   try:
@@ -58,21 +60,22 @@ def train(config, workdir: str) -> int:
     logging.error("%s", e)
     print(f"error: {e}", flush=True)
     return 3
+  except (PathError, DataError) as e:  # A missing/unreadable path or bad data: one line naming the key.
+    logging.error("%s", e)
+    print(f"error: {e}", flush=True)
+    return 2
   return 0
 
 
 def dry_run(config, workdir: str | None = None, topology: str = "", num_slices: int = 1) -> dict:
   """Compile the stage's programs for the configured mesh over the local devices or a named TPU topology,
   from shapes alone; print per-device memory, time and MFU, and write WORKDIR/plan.json."""
-  import json
-
-  from jaxalign import plan
+  from jaxalign import paths, plan
 
   quiet_libraries()
   out = plan.compile_plan(config, topology, num_slices)
   print(plan.summary(out), flush=True)
   if workdir and jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "plan.json"), "w") as f:
-      json.dump(out, f, indent=2)
+    paths.makedirs(workdir)
+    paths.write_json(paths.join(workdir, "plan.json"), out)
   return out

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
-import os
 import time
 from typing import Any
 
 import jax
 import numpy as np
+
+from jaxalign import paths
 
 
 def _scalar(v) -> Any:
@@ -18,8 +20,42 @@ def _scalar(v) -> Any:
   return v.item() if v.size == 1 else v.tolist()
 
 
+class RemoteLines:
+  """An append-only text file in a bucket, where objects cannot be appended to: the file's text is kept and
+  the whole object rewritten at `flush` (at most every `every_s` seconds on `write`, and at each checkpoint
+  save and `close`). A hard kill loses only rows written since the last flush: rows of steps after the last
+  checkpoint, which the resumed run replays."""
+
+  def __init__(self, path: str, every_s: float = 30.0):
+    self.path, self.every_s = path, every_s
+    self._buf = io.StringIO()
+    if paths.exists(path):
+      self._buf.write(paths.read_text(path))
+    self._dirty = False
+    self._last = time.monotonic()
+
+  def write(self, text: str):
+    self._buf.write(text)
+    self._dirty = True
+    if time.monotonic() - self._last >= self.every_s:
+      self.flush()
+
+  def flush(self):
+    if self._dirty:
+      paths.write_text(self.path, self._buf.getvalue())
+      self._dirty = False
+    self._last = time.monotonic()
+
+  def close(self):
+    self.flush()
+
+
 class MetricWriter:
-  """Every stage writes the same JSONL lines: step, stage, split and the metrics (process 0 only)."""
+  """Every stage writes the same JSONL lines: step, stage, split and the metrics (process 0 only).
+
+  In a bucket workdir metrics.jsonl is a `RemoteLines`, and TensorBoard event files go straight to gs:// (or
+  s3://) through tensorboardX's own writers (google-cloud-storage, boto3); where that fails TensorBoard is
+  turned off with a warning, never the run."""
 
   def __init__(self, workdir: str, stage: str, tensorboard: bool = True):
     self.stage = stage
@@ -27,12 +63,13 @@ class MetricWriter:
     self._f = None
     self._tb = None
     if self.active:
-      os.makedirs(workdir, exist_ok=True)
-      self._f = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      paths.makedirs(workdir)
+      jsonl = paths.join(workdir, "metrics.jsonl")
+      self._f = RemoteLines(jsonl) if paths.is_remote(workdir) else open(jsonl, "a")
       if tensorboard:
         try:
           from tensorboardX import SummaryWriter
-          self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+          self._tb = SummaryWriter(paths.join(workdir, "tensorboard"))
         except Exception as e:  # TensorBoard is a convenience; never fail a run for it.
           logging.warning("tensorboard disabled: %s", e)
 
@@ -42,7 +79,8 @@ class MetricWriter:
     row = {"step": int(step), "stage": self.stage, "split": split}
     row.update({k: _scalar(v) for k, v in metrics.items()})
     self._f.write(json.dumps(row) + "\n")
-    self._f.flush()
+    if not isinstance(self._f, RemoteLines):
+      self._f.flush()
     if self._tb is not None:
       for k, v in row.items():
         if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
@@ -50,6 +88,11 @@ class MetricWriter:
     if echo:
       shown = " ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k not in ("stage", "split", "step"))
       logging.info("[%s %s] step %d %s", self.stage, split, step, shown)
+
+  def flush(self):
+    """Make every row written so far durable (a bucket workdir's metrics.jsonl is uploaded)."""
+    if self._f:
+      self._f.flush()
 
   def close(self):
     if self._f:

@@ -39,8 +39,7 @@ def env_for(url: str) -> dict[str, str]:
 def emulator(bucket: str = "bucket") -> Iterator[str]:
   """Yields the emulator's URL with `bucket` created and the environment set; restores both afterwards."""
   port = free_port()
-  proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host=127.0.0.1", f"--port={port}",
-                           "--in-memory", f"--default-bucket={bucket}", "-q"],
+  proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(port), bucket],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   url = f"http://127.0.0.1:{port}"
   old = {k: os.environ.get(k) for k in env_for(url)}
@@ -87,3 +86,32 @@ def _reset_clients():
     gcsfs.GCSFileSystem.clear_instance_cache()
   except ImportError:
     pass
+
+
+def serve(port: int, bucket: str):
+  """The emulator on 127.0.0.1:`port`, in memory, with `bucket`; media downloads also carry the object's
+  generation headers, as real GCS sends them (tensorstore's OCDBT reads `x-goog-generation` back to commit
+  its manifest: without it every second checkpoint item fails with "Malformed StorageGeneration")."""
+  from gcp_storage_emulator import server
+  from gcp_storage_emulator.handlers import objects
+
+  def download(request, response, storage, *args, **kwargs):
+    objects.download(request, response, storage, *args, **kwargs)
+    try:
+      obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+    except Exception:  # Not found: the download handler answered already.
+      return
+    response["x-goog-generation"] = str(obj["generation"])
+    response["x-goog-metageneration"] = str(obj["metageneration"])
+
+  for _, handlers in server.HANDLERS:
+    for method, fn in list(handlers.items()):
+      if fn is objects.download:
+        handlers[method] = download
+  server.create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket).run()
+
+
+if __name__ == "__main__":
+  import logging
+  logging.disable(logging.CRITICAL)
+  serve(int(sys.argv[1]), sys.argv[2])

@@ -1,10 +1,15 @@
-"""Load records with Hugging Face `datasets`: a local file, a local directory, or a hub name when online."""
+"""Load records with Hugging Face `datasets`: a local or bucket (gs://) file or directory, or a hub name when online.
+
+A bucket path is copied to the local cache first (`paths.local_copy`, refreshed only when the objects change):
+`datasets` then reads it like any local file, and errors still name the bucket path."""
 
 from __future__ import annotations
 
 import os
 
 import datasets
+
+from jaxalign import paths
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
@@ -18,19 +23,23 @@ def load_records(spec: str, split: str = "train", config_key: str = "data.train"
   if not spec:
     raise DataError(f"{config_key} is empty: give a JSONL/parquet file, a directory, or a hub dataset name")
   datasets.disable_progress_bars()
-  if os.path.isfile(spec):
-    ext = os.path.splitext(spec)[1].lower()
+  local = spec
+  if paths.is_remote(spec):
+    paths.check(spec, config_key)
+    local = paths.local_copy(spec)
+  if os.path.isfile(local):
+    ext = os.path.splitext(local)[1].lower()
     if ext not in _BUILDERS:
       raise DataError(f"{config_key}={spec}: unsupported file type {ext!r} (expected {sorted(_BUILDERS)})")
     try:
-      return datasets.load_dataset(_BUILDERS[ext], data_files=spec, split="train")
+      return datasets.load_dataset(_BUILDERS[ext], data_files=local, split="train")
     except Exception as e:  # Malformed JSON etc.: name the file.
       raise DataError(f"{config_key}={spec}: could not be read: {e}") from e
-  if os.path.isdir(spec):
-    if os.path.exists(os.path.join(spec, "dataset_info.json")) or os.path.exists(os.path.join(spec, "dataset_dict.json")):
-      ds = datasets.load_from_disk(spec)
+  if os.path.isdir(local):
+    if os.path.exists(os.path.join(local, "dataset_info.json")) or os.path.exists(os.path.join(local, "dataset_dict.json")):
+      ds = datasets.load_from_disk(local)
     else:
-      ds = datasets.load_dataset(spec)
+      ds = datasets.load_dataset(local)
     if isinstance(ds, datasets.DatasetDict):
       if split not in ds:
         raise DataError(f"{config_key}={spec}: no split {split!r} (has {list(ds)}); set data.split")

@@ -181,6 +181,7 @@ def _run(parts: Parts, config, workdir: str) -> TrainState:
   def save(st: TrainState, step: int, metrics=None):
     nonlocal last_saved
     if last_saved != step:
+      writer.flush()  # A bucket's metrics.jsonl is uploaded: rows up to a checkpoint survive a hard kill.
       ckpt.save(step, checkpoint_items(st), {"train": batches.state()}, metrics=metrics)
       last_saved = step
 

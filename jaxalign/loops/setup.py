@@ -4,9 +4,7 @@ their shapes only, for a compile plan), frozen models, the run record and the HF
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import os
 import time
 
 import jax
@@ -14,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
-from jaxalign import checkpoint, sharding
+from jaxalign import checkpoint, paths, sharding
 from jaxalign.data import examples
 from jaxalign.models import build, heads, hf, lora, transformer
 from jaxalign.models.config import ModelConfig, preset
@@ -34,7 +32,7 @@ def tokenizer_path(init: str, explicit: str = "") -> str:
   if explicit:
     return explicit
   if checkpoint.is_run_dir(init):
-    return checkpoint.read_run_info(init).get("tokenizer", os.path.join(init, "tokenizer"))
+    return checkpoint.read_run_info(init).get("tokenizer", paths.join(init, "tokenizer"))
   return init
 
 
@@ -47,7 +45,7 @@ def load_tokenizer(config):
     raise ValueError("model.tokenizer is empty and model.init is empty: a from-scratch model still needs a "
                      "tokenizer directory (model.tokenizer)")
   try:
-    tok = transformers.AutoTokenizer.from_pretrained(path)
+    tok = transformers.AutoTokenizer.from_pretrained(paths.local_copy(path, skip_weights=True))
   except Exception as e:
     raise ValueError(f"model.tokenizer={path}: could not load a Hugging Face tokenizer: {e}") from e
   examples.set_chat_template(tok, config.data.chat_template)
@@ -136,10 +134,10 @@ def load_model(init: str, cfg: ModelConfig, mesh, rng, *, with_head: bool = Fals
     params, step = checkpoint.restore_params_from_run(init, want)
     if src_cfg.lora_rank:  # An adapted run: fold its adapters in; this stage starts from the merged model.
       params["model"] = jax.jit(lambda p: lora.merge(src_cfg, p), out_shardings=shard)(params["model"])
-    source = {"path": os.path.abspath(init), "step": step, "kind": "jaxalign", "stage": info.get("stage")}
+    source = {"path": paths.resolve(init), "step": step, "kind": "jaxalign", "stage": info.get("stage")}
   elif init:
     params = {"model": build.load_hf_sharded(init, base_cfg, mesh)}
-    source = {"path": os.path.abspath(init), "step": None, "kind": "huggingface"}
+    source = {"path": paths.resolve(init), "step": None, "kind": "huggingface"}
     if with_head:
       head = hf.load_score_head(init, cfg, build.head_shardings(cfg, mesh))
       if head is not None:  # An HF reward model (*ForSequenceClassification).
@@ -174,12 +172,28 @@ def make_mesh(config):
 
 # ----------------------------------------------------------------------------------------------- what builds share
 
+INPUT_KEYS = ("model.init", "model.tokenizer", "data.train", "data.eval", "reference.init", "reward.init",
+              "value.init", "compare.init")
+
+
+def check_inputs(config):
+  """Every configured bucket path (gs://, s3://) exists and is readable, before anything loads or compiles: one
+  PathError naming the key and the path otherwise. Local paths keep their own checks where they are read."""
+  for key in INPUT_KEYS:
+    group, name = key.split(".")
+    value = config[group].get(name, "") if group in config else ""
+    if value and paths.is_remote(value):
+      paths.check(value, key)
+
+
 def prepare(config, workdir: str, *, with_head: bool = False, mesh=None, abstract: bool = False):
   """Mesh, tokenizer, model config and params for a stage; saves the tokenizer into the workdir.
 
   `abstract` (the compile plan): params are shapes with shardings; the tokenizer is optional (an HF
   directory may hold only config.json) and nothing is written."""
   mesh = make_mesh(config) if mesh is None else mesh
+  if not abstract:
+    check_inputs(config)
   if abstract:
     try:
       tok, _ = load_tokenizer(config)
@@ -193,8 +207,9 @@ def prepare(config, workdir: str, *, with_head: bool = False, mesh=None, abstrac
   rng = jax.random.PRNGKey(config.seed)
   params, source = load_model(config.model.init, model_cfg, mesh, rng, with_head=with_head, abstract=abstract)
   if not abstract and jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tok.save_pretrained(os.path.join(workdir, "tokenizer"))
+    paths.makedirs(workdir)
+    with paths.writable_dir(paths.join(workdir, "tokenizer")) as d:
+      tok.save_pretrained(d)
   return mesh, tok, model_cfg, params, source
 
 
@@ -281,20 +296,19 @@ def record_run(workdir: str, config, model_cfg, sources: dict, has_head: bool = 
   """WORKDIR/run.json: the stage, model config, tokenizer and where each model came from."""
   checkpoint.write_run_info(workdir, {
       "stage": config.stage, "model_config": checkpoint.model_config_dict(model_cfg),
-      "tokenizer": os.path.abspath(os.path.join(workdir, "tokenizer")), "has_head": has_head,
+      "tokenizer": paths.resolve(paths.join(workdir, "tokenizer")), "has_head": has_head,
       "sources": sources, "config": config.to_dict(), "created": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
 def write_reports(workdir: str, reports):
   """WORKDIR/data_report.json (the data reports are logged once, where they are made)."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "data_report.json"), "w") as f:
-      json.dump([r.summary() for r in reports], f, indent=2)
+    paths.write_json(paths.join(workdir, "data_report.json"), [r.summary() for r in reports])
 
 
 def export_hf(workdir: str, model_cfg, params, tok, head=None, dtype=None) -> str:
   """WORKDIR/export/hf as a transformers checkpoint; LoRA adapters are merged into the weights."""
-  out = os.path.join(workdir, "export", "hf")
+  out = paths.join(workdir, "export", "hf")
   if model_cfg.lora_rank:
     params = jax.jit(lora.merge, static_argnums=0)(model_cfg, params)
     model_cfg = model_cfg.replace(lora_rank=0)

@@ -3,6 +3,11 @@
 Loading streams one tensor at a time from memory-mapped safetensors (single file or sharded with an index)
 and places each parameter directly with its target sharding: every device receives only its shard, and the
 host holds at most one parameter at a time. Saving writes safetensors + config.json that `transformers` loads.
+
+The directory may be in a bucket (gs://): safetensors are then read in place by ranged reads through the path
+layer (one tensor's bytes at a time, nothing downloaded whole), and only the small files transformers itself
+must parse (config.json, tokenizer files) are copied to a local cache (`paths.local_copy`). Saving writes
+safetensors straight to the bucket and uploads what `save_pretrained` wrote locally.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from jaxalign import paths
 from jaxalign.models.config import FAMILIES, ModelConfig
 from jaxalign.metrics import to_host
 
@@ -36,10 +42,10 @@ def config_from_hf(path_or_config, **overrides) -> ModelConfig:
 
   c = path_or_config
   if isinstance(c, (str, os.PathLike)):
-    if not os.path.exists(os.path.join(c, "config.json")):
+    if not paths.exists(paths.join(str(c), "config.json")):
       raise FileNotFoundError(f"{c}: no config.json; model.init must be a Hugging Face checkpoint directory "
                               "or a jaxalign run directory")
-    c = transformers.AutoConfig.from_pretrained(c)
+    c = transformers.AutoConfig.from_pretrained(paths.local_copy(str(c), skip_weights=True))
   mt = c.model_type
   if mt not in FAMILIES:
     raise ValueError(f"model_type {mt!r} is not supported; supported families: {FAMILIES}")
@@ -174,20 +180,20 @@ class SafetensorsDir:
 
   def __init__(self, path: str):
     self.path = path
-    index = os.path.join(path, "model.safetensors.index.json")
-    single = os.path.join(path, "model.safetensors")
-    if os.path.exists(index):
-      with open(index) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(single):
+    self.remote = paths.is_remote(path)
+    index = paths.join(path, "model.safetensors.index.json")
+    single = paths.join(path, "model.safetensors")
+    if paths.exists(index):
+      files = sorted(set(json.loads(paths.read_text(index))["weight_map"].values()))
+    elif paths.exists(single):
       files = ["model.safetensors"]
     else:
       raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
                               "(only safetensors checkpoints are supported; convert .bin with transformers)")
     self._where: dict[str, tuple[str, dict, int]] = {}
     for fn in files:
-      full = os.path.join(path, fn)
-      with open(full, "rb") as f:
+      full = paths.join(path, fn)
+      with paths.open(full, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
       header.pop("__metadata__", None)
@@ -206,6 +212,13 @@ class SafetensorsDir:
     full, info, base = self._where[name]
     start, end = info["data_offsets"]
     dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+    if self.remote:  # One ranged read of this tensor's bytes.
+      with paths.open(full, "rb") as f:
+        f.seek(base + start)
+        raw = f.read(end - start)
+      if len(raw) != end - start:
+        raise OSError(f"{full}: tensor {name!r} truncated ({len(raw)} of {end - start} bytes)")
+      return np.frombuffer(raw, dtype=dtype).reshape(tuple(info["shape"]))
     return np.memmap(full, dtype=dtype, mode="r", offset=base + start, shape=tuple(info["shape"]))
 
 
@@ -219,7 +232,7 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[
     offset += nbytes
   raw = json.dumps(header, separators=(",", ":")).encode()
   raw += b" " * (-len(raw) % 8)
-  with open(path, "wb") as f:
+  with paths.open(path, "wb") as f:
     f.write(struct.pack("<Q", len(raw)))
     f.write(raw)
     for arr in tensors.values():
@@ -315,7 +328,6 @@ def save_params(path: str, cfg: ModelConfig, params: dict, *, head: dict | None 
                        f"config has lora_rank={cfg.lora_rank}; pass the config the params were made with")
     params = lora.merge(cfg, params)
     cfg = cfg.replace(lora_rank=0)
-  os.makedirs(path, exist_ok=True)
   seqcls = head is not None
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
@@ -332,18 +344,20 @@ def save_params(path: str, cfg: ModelConfig, params: dict, *, head: dict | None 
     w = to_host(head["w"]).astype(dtype or cfg.param_dtype).reshape(1, -1)
     shards[-1]["score.weight"] = w
   if jax.process_index() == 0:
+    paths.makedirs(path)
     if len(shards) == 1:
-      write_safetensors(os.path.join(path, "model.safetensors"), shards[0])
+      write_safetensors(paths.join(path, "model.safetensors"), shards[0])
     else:
       weight_map, total = {}, 0
       for i, sh in enumerate(shards):
         fn = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(os.path.join(path, fn), sh)
+        write_safetensors(paths.join(path, fn), sh)
         for n, a in sh.items():
           weight_map[n] = fn
           total += a.nbytes
-      with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    config_to_hf(cfg, sequence_classification=seqcls).save_pretrained(path)
-    if tokenizer is not None:
-      tokenizer.save_pretrained(path)
+      paths.write_json(paths.join(path, "model.safetensors.index.json"),
+                       {"metadata": {"total_size": total}, "weight_map": weight_map})
+    with paths.writable_dir(path) as d:
+      config_to_hf(cfg, sequence_classification=seqcls).save_pretrained(d)
+      if tokenizer is not None:
+        tokenizer.save_pretrained(d)
