@@ -6,6 +6,9 @@
 #
 # --create  creates the slice first (gcloud compute tpus tpu-vm create).
 # Everything after `--` is passed to launch/train.py on every worker; --workdir defaults to $BUCKET/runs/$RUN.
+# Every path (workdir, model.init, data.train, ...) may be gs://. After a preemption, rerun the same command
+# (with the same RUN, or an explicit --workdir): every worker restores the latest checkpoint from the bucket.
+# Without RUN the workdir is named by the date, and a rerun starts a new run. See docs/scaling.md.
 # jax.distributed initialises itself on TPU pods (launch/train.py --distributed=auto).
 set -euo pipefail
 : "${TPU:?set TPU (the slice name)}" "${ZONE:?set ZONE}"
@@ -25,6 +28,7 @@ WORKDIR_ARG=()
 if [[ " ${ARGS[*]:-} " != *" --workdir="* ]]; then
   : "${BUCKET:?set BUCKET or pass --workdir=...}"
   WORKDIR_ARG=("--workdir=$BUCKET/runs/$RUN")
+  echo "workdir: $BUCKET/runs/$RUN (to resume after a preemption: rerun with RUN=$RUN)" >&2
 fi
 if [[ $CREATE == 1 ]]; then
   gcloud compute tpus tpu-vm create "$TPU" --zone="$ZONE" --accelerator-type="$TYPE" --version="$VERSION"

@@ -15,7 +15,7 @@ from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file (configs/<stage>.py[:variant]).",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, export/.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (local or gs://): checkpoints, metrics, export/.")
 _DIST = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                           "jax.distributed: auto (TPU pods, SLURM), on (needs coordinator flags), off.")
 _COORD = flags.DEFINE_string("coordinator", None, "host:port of process 0 (explicit multi-process).")

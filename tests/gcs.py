@@ -95,8 +95,10 @@ def serve(port: int, bucket: str):
   from gcp_storage_emulator import server
   from gcp_storage_emulator.handlers import objects
 
+  original = objects.download
+
   def download(request, response, storage, *args, **kwargs):
-    objects.download(request, response, storage, *args, **kwargs)
+    original(request, response, storage, *args, **kwargs)
     try:
       obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
     except Exception:  # Not found: the download handler answered already.
@@ -104,9 +106,10 @@ def serve(port: int, bucket: str):
     response["x-goog-generation"] = str(obj["generation"])
     response["x-goog-metageneration"] = str(obj["metageneration"])
 
+  objects.download = download  # `objects.get` (?alt=media) calls it by name; the routes hold it directly.
   for _, handlers in server.HANDLERS:
     for method, fn in list(handlers.items()):
-      if fn is objects.download:
+      if fn is original:
         handlers[method] = download
   server.create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket).run()
 
