@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxalign import paths
+from tests import gcs
 from tests.fixtures import WORDS, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -146,3 +147,31 @@ def test_missing_bucket_path_is_one_line_naming_key_before_anything_loads(inputs
   assert f"error: {key}={value}: {message}" in out.stdout
   assert "Traceback" not in out.stderr
   assert not paths.exists(paths.join(wd, "tokenizer"))  # Stopped before the model, tokenizer or a compile.
+
+
+def test_two_processes_share_one_bucket_workdir_and_resume_the_same_step(inputs, env):
+  """jax.distributed over gloo, 2 processes x 2 CPU devices: one metrics row per step and one export (the
+  primary's), and after a stop both processes restore the same checkpoint from the bucket."""
+  wd = "gs://bucket/two"
+  env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+
+  def run(extra):
+    port = gcs.free_port()
+    cmd = _sft(inputs, wd, steps=6) + ["--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.eval.every=0",
+                                       "--config.logging.tensorboard=false", *extra]
+    ps = [subprocess.Popen(cmd + [f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+          for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in ps]
+    for p, o in zip(ps, outs):
+      assert p.returncode == 0, o[-3000:]
+    return outs
+
+  run(["--config.train.run_steps=4"])
+  assert sorted(_losses(wd)) == [1, 2, 3, 4] and not paths.exists(paths.join(wd, "export"))
+  outs = run([])
+  for o in outs:
+    assert f"resumed sft from {wd}/checkpoints step 4" in o
+  rows = [json.loads(r) for r in paths.read_text(paths.join(wd, "metrics.jsonl")).splitlines()]
+  assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]  # Written once: the primary.
+  assert paths.exists(paths.join(wd, "export", "hf", "model.safetensors"))
