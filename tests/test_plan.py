@@ -34,7 +34,8 @@ def test_cli_plan_for_a_tpu_topology_without_a_tpu(tmp_path):
   pytest.importorskip("libtpu")
   wd = tmp_path / "plan"
   cmd = [sys.executable, "launch/train.py", "--config=configs/sft.py:tiny", f"--workdir={wd}", "--dry_run",
-         "--topology=v5p-8", "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.model.dtype=bfloat16"]
+         "--topology=v5p-8", "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.model.dtype=bfloat16",
+         "--config.train.seq_len=128", "--config.model.vocab_tiles=4"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -48,3 +49,6 @@ def test_cli_plan_for_a_tpu_topology_without_a_tpu(tmp_path):
   assert row["step_seconds"] > 0 and 0 < row["mfu"] < 1
   assert row["collectives"].get("all-gather", 0) + row["collectives"].get("all-reduce", 0) > 0  # FSDP over 4.
   assert "fits" in out.stdout and "train_step: peak" in out.stdout
+  # attention='auto' on a TPU mesh is the Pallas splash kernel (a tpu_custom_call in the compiled HLO); the
+  # vocabulary-tiled LM head compiles for the TPU too.
+  assert row["attention"].startswith("pallas")

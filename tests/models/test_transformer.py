@@ -260,3 +260,20 @@ def test_rope_tables_are_exactly_sin_and_cos():
   ang = jnp.concatenate([ang, ang], -1)
   np.testing.assert_array_equal(sin, jnp.sin(ang))
   np.testing.assert_array_equal(cos, jnp.cos(ang))
+
+
+def test_frozen_models_held_in_the_compute_dtype_are_exact():
+  """A reference/reward model held in bf16 (loops.setup.hold_in_compute_dtype) loses nothing beyond the
+  cast at use: its forward is bit-identical to that of the same weights rounded to bf16 and stored in f32
+  (XLA:CPU may skip the rounding of an f32 weight at use, `xla_allow_excess_precision`; TPUs round)."""
+  from jaxalign.loops.setup import hold_in_compute_dtype
+  cfg = preset("tiny", dtype="bfloat16")
+  params = T.init_params(cfg, jax.random.PRNGKey(0))
+  params = jax.tree.map(lambda x: x + 1e-3 * jax.random.normal(jax.random.PRNGKey(1), x.shape), params)
+  held = hold_in_compute_dtype({"reference": params}, cfg.dtype)["reference"]
+  assert held["layers"]["wq"].dtype == jnp.bfloat16 and held["final_norm"].dtype == jnp.float32
+  tok = jnp.arange(16)[None] % cfg.vocab_size
+  rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(x.dtype) if x.ndim >= 2 else x, params)
+  a, _ = T.forward(cfg, rounded, tok)
+  b, _ = T.forward(cfg, held, tok)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
