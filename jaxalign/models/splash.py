@@ -17,6 +17,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernels
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -31,10 +32,43 @@ def supported(t: int) -> bool:
   return t % BLOCKS[-1] == 0
 
 
+class SharedPrefixMask(masks._ComputableMask):
+  """One prompt of P slots followed by G responses of N slots each, in one row: every slot attends causally
+  to the prompt and to the earlier slots of its own response, never to another response. A GRPO group in a
+  single row: the prompt runs once, with no KV cache to copy to each response (models the rollout's
+  `shared_prefix` passes on TPU; see steps.policy.grouped_hidden). Static, so the kernel skips every
+  response-to-other-response block."""
+
+  def __init__(self, prompt: int, response: int, group: int):
+    self.layout = (prompt, response, group)
+    t = prompt + group * response
+    starts = [prompt + j * response for j in range(1, group)]
+
+    def which(x):  # Response index of slot x (0 for the prompt and the first response): no division.
+      return sum((x >= s).astype(np.int32) for s in starts) if starts else x * 0
+
+    def mask_function(q_ids, kv_ids):
+      return (q_ids >= kv_ids) & ((kv_ids < prompt) | (which(q_ids) == which(kv_ids)))
+
+    super().__init__(shape=(t, t), mask_function=mask_function)
+
+  def __eq__(self, other):
+    return isinstance(other, SharedPrefixMask) and self.layout == other.layout
+
+  def __hash__(self):
+    return hash((type(self), self.layout))
+
+
 @functools.lru_cache(maxsize=32)
-def _kernel(t: int, heads: int, window: int, softcap: float | None, head_shards: int, interpret: bool):
+def _kernel(t: int, heads: int, window: int, softcap: float | None, head_shards: int, interpret: bool,
+            layout: tuple[int, int, int] | None = None):
   block = next(b for b in BLOCKS if t % b == 0)
-  mask = masks.LocalMask((t, t), window_size=(window - 1, 0), offset=0) if window else masks.CausalMask((t, t))
+  if layout:
+    mask = SharedPrefixMask(*layout)
+  elif window:
+    mask = masks.LocalMask((t, t), window_size=(window - 1, 0), offset=0)
+  else:
+    mask = masks.CausalMask((t, t))
   sizes = kernels.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
   return kernels.make_splash_mha(masks.MultiHeadMask([mask] * heads), block_sizes=sizes, head_shards=head_shards,
@@ -42,11 +76,13 @@ def _kernel(t: int, heads: int, window: int, softcap: float | None, head_shards:
 
 
 def attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, scale: float, softcap: float | None,
-              windows: tuple[int, ...], window=None, interpret: bool | None = None):
+              windows: tuple[int, ...], window=None, interpret: bool | None = None,
+              layout: tuple[int, int, int] | None = None):
   """Causal self-attention [B, T, N, H] without a KV cache (queries and keys are the same T slots).
 
   `windows`: the distinct per-layer windows (0 = full); `window`: this layer's (traced, from the layer scan)
-  when there are several. A window counts slots (the kernel's masks are static), which equals the XLA path's
+  when there are several. `layout`: (prompt, response, groups) of a SharedPrefixMask row (no windows).
+  A window counts slots (the kernel's masks are static), which equals the XLA path's
   count of positions wherever positions run consecutively within a segment: every real token of a packed
   or padded row; only padding's (unused) outputs differ. `interpret`: Pallas interpret mode (default: off TPU)."""
   b, t, n, h = q_BTNH.shape
@@ -65,7 +101,7 @@ def attention(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT, *, scale: float, softcap: 
   seg = segment_ids_BT.astype(jnp.int32)
 
   def one_window(w):
-    kernel = _kernel(t, n, int(w), None if not softcap else float(softcap), head_shards, interpret)
+    kernel = _kernel(t, n, int(w), None if not softcap else float(softcap), head_shards, interpret, layout)
 
     def run(kernel, q, k, v, seg):
       return jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=kernels.SegmentIds(s, s)))(q, k, v, seg)

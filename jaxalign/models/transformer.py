@@ -154,12 +154,15 @@ class Transformer(nnx.Module):
     return logits_BTV
 
   def hidden_states(self, tokens_BT, positions_BT=None, segment_ids_BT=None, cache: KVCache | None = None,
-                    use_lora: bool = True, layers: list[dict] | None = None):
+                    use_lora: bool = True, layers: list[dict] | None = None,
+                    shared_prefix: tuple[int, int, int] | None = None):
     """Token ids -> final-normed hidden states [B, T, D] (float32) and the updated cache.
 
     `use_lora=False` runs the base model of a LoRA-adapted one (the reference, without a second copy).
     `layers`: this model's `layer_list()`, sliced once outside a decode loop (unrolled layers only), so a
-    decode step does not copy every layer's weights out of the stacked arrays again."""
+    decode step does not copy every layer's weights out of the stacked arrays again.
+    `shared_prefix`: (prompt, response, group) when each row is one prompt followed by `group` responses
+    that each see the prompt and themselves only (splash attention's SharedPrefixMask; TPU path)."""
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     b, t = tokens_BT.shape
@@ -186,7 +189,8 @@ class Transformer(nnx.Module):
 
     def body(x_BTD, layer):
       p, window, kv = layer
-      x_BTD, kv = _block(cfg, p, _c(x_BTD, BTD), sin_BTH, cos_BTH, mask_args, window, kv, cache, use_lora)
+      x_BTD, kv = _block(cfg, p, _c(x_BTD, BTD), sin_BTH, cos_BTH, mask_args, window, kv, cache, use_lora,
+                         shared_prefix)
       return _c(x_BTD, BTD), kv
 
     if cfg.remat != "none":
@@ -294,7 +298,7 @@ def _act(cfg: ModelConfig, x):
 
 
 def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_args, window, kv, cache,
-           use_lora: bool = True):
+           use_lora: bool = True, shared_prefix: tuple[int, int, int] | None = None):
   dt = x_BTD.dtype
   c = lambda name: p[name].astype(dt)  # noqa: E731
 
@@ -326,7 +330,10 @@ def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_ar
   else:
     k_use, v_use = k_BTKH, v_BTKH
   scale = (cfg.query_scale or cfg.head_dim) ** -0.5
-  if cache is None and use_splash(cfg, q_BTNH.shape[1]):
+  if shared_prefix is not None:
+    o_BTNH = splash.attention(q_BTNH, k_use, v_use, mask_args[0], scale=scale, softcap=cfg.attn_softcap,
+                              windows=(0,), layout=shared_prefix)
+  elif cache is None and use_splash(cfg, q_BTNH.shape[1]):
     o_BTNH = splash.attention(q_BTNH, k_use, v_use, mask_args[0], scale=scale, softcap=cfg.attn_softcap,
                               windows=tuple(sorted(set(cfg.window_sizes()))), window=window)
   else:

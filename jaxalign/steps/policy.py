@@ -48,13 +48,43 @@ def response_logprobs(cfg, params, tokens_BS, positions_BS, segment_ids_BS, prom
   targets_BN = tokens_BS[:, prompt_len:]
   if group > 1:
     model = transformer.bind(cfg, params)
-    h_BND = shared_prefix_hidden(cfg, params, tokens_BS, positions_BS, segment_ids_BS, prompt_len, group)
+    one_row = grouped_row_length(cfg, tokens_BS.shape[1], prompt_len, group)
+    hidden = grouped_hidden if one_row else shared_prefix_hidden
+    h_BND = hidden(cfg, params, tokens_BS, positions_BS, segment_ids_BS, prompt_len, group)
     lp_BN, ent_BN = model.token_logprobs(h_BND, targets_BN, temperature)
   else:
     lp_BN, ent_BN = transformer.token_logprobs(cfg, params, tokens_BS, positions_BS, segment_ids_BS, targets_BN,
                                                at=slice(prompt_len - 1, tokens_BS.shape[1] - 1),
                                                temperature=temperature)
   return (lp_BN, ent_BN) if with_entropy else lp_BN
+
+
+def grouped_row_length(cfg, s: int, prompt_len: int, group: int) -> int:
+  """The length of a group as one row (prompt + group x response) when `grouped_hidden` applies (splash
+  attention in use for that length, no sliding windows), else 0."""
+  t = prompt_len + group * (s - prompt_len)
+  return t if transformer.use_splash(cfg, t) and not any(cfg.window_sizes()) else 0
+
+
+def grouped_hidden(cfg, params, tokens_BS, positions_BS, segment_ids_BS, prompt_len: int, group: int):
+  """As `shared_prefix_hidden`, with each group as one row [prompt, response 1, ..., response G] under
+  splash attention's SharedPrefixMask: the prompt runs once and no KV cache exists, so nothing is copied
+  to the G responses (the cache path's repeated cache is G x the prompt's keys and values per layer, and
+  its scores are dense [N, S] per row). Exact against it (tests/models/test_splash.py)."""
+  bg, s = tokens_BS.shape
+  b, p, n = bg // group, prompt_len, s - prompt_len
+
+  def pack(x):  # [B, S] -> [b, P + G N]: the group's prompt once, then its responses.
+    return jnp.concatenate([x[:, :p].reshape(b, group, p)[:, 0], x[:, p:].reshape(b, group * n)], axis=1)
+
+  model = transformer.bind(cfg, params)
+  h, _ = model.hidden_states(pack(tokens_BS), pack(positions_BS), pack(segment_ids_BS),
+                             shared_prefix=(p, n, group))
+  d = h.shape[-1]
+  last_bD = h[:, p - 1]  # Predicts each response's first token.
+  resp_bGnD = h[:, p:].reshape(b, group, n, d)[:, :, :n - 1]
+  first_bG1D = jnp.broadcast_to(last_bD[:, None, None], (b, group, 1, d))
+  return jnp.concatenate([first_bG1D, resp_bGnD], axis=2).reshape(bg, n, d)
 
 
 def shared_prefix_hidden(cfg, params, tokens_BS, positions_BS, segment_ids_BS, prompt_len: int, group: int):

@@ -67,3 +67,29 @@ def test_model_with_splash_equals_fused_under_a_mesh():
   np.testing.assert_allclose(v1, v0, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5)
+
+
+def test_grouped_row_equals_the_kv_cache_path():
+  """GRPO's response log-probs with each group as one splash row (SharedPrefixMask) equal the KV-cache
+  path's (prompt prefilled once, cache repeated per response): values and gradients."""
+  from jaxalign.steps import policy
+  base = preset("tiny", head_dim=32)
+  params = transformer.init_params(base, jax.random.PRNGKey(3))
+  b, group, p, n = 2, 4, 64, 16  # One group as a row: 64 + 4 x 16 = 128 slots (splash tiles 128).
+  tok = jax.random.randint(jax.random.PRNGKey(4), (b * group, p + n), 0, base.vocab_size)
+  tok = tok.at[:, :p].set(jnp.repeat(tok[::group, :p], group, axis=0))  # Rows of a group share the prompt.
+  seg = jnp.ones_like(tok).at[:group, :5].set(0)  # The first prompt left-padded.
+  pos = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
+
+  def lp(cfg):
+    return lambda prm: policy.response_logprobs(cfg, prm, tok, pos, seg, p, 0.8, group=group)
+
+  splash_cfg = base.replace(attention="splash")
+  assert policy.grouped_row_length(splash_cfg, p + n, p, group) == 128
+  assert policy.grouped_row_length(base, p + n, p, group) == 0  # The CPU keeps the KV-cache path.
+  g = jax.random.normal(jax.random.PRNGKey(5), (b * group, n))
+  v0, g0 = jax.value_and_grad(lambda prm: jnp.sum(lp(base)(prm) * g))(params)
+  v1, g1 = jax.value_and_grad(lambda prm: jnp.sum(lp(splash_cfg)(prm) * g))(params)
+  np.testing.assert_allclose(v1, v0, rtol=1e-5)
+  for a, b_ in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, b_, rtol=2e-4, atol=1e-5)
