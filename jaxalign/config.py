@@ -22,7 +22,7 @@ def base(stage: str) -> ml_collections.ConfigDict:
   c.model.tokenizer = ""  # HF tokenizer dir; "" = the one saved with model.init.
   c.model.dtype = "float32"  # Matmul dtype (bfloat16 on accelerators).
   c.model.param_dtype = "float32"  # Storage dtype of params and optimizer state.
-  c.model.remat = "none"  # none | full | dots.
+  c.model.remat = "none"  # none | full | dots | offload (weight matmul outputs to host memory; TPU/GPU).
   c.model.scan_layers = True  # lax.scan over layers (compile time independent of depth).
   c.model.attention = "auto"  # auto (splash on TPU, fused elsewhere) | fused | dense | splash.
   c.model.vocab_tiles = 0  # LM head log-probs over this many vocabulary tiles (0 = auto: 1 up to 32k tokens).

@@ -52,11 +52,19 @@ def compile_plan(config, topology: str = "", num_slices: int = 1, *, extrapolate
     out["chip"] = {"name": topo.chip.name, "chips": topo.chips, "hbm_bytes_per_device": int(hbm),
                    "peak_flops_per_device": peak}
   for name, (fn, args) in parts.programs.items():
+    sharding.UNSHARDED_BATCHES.clear()
     try:
       with jax.set_mesh(mesh):
         out["programs"][name] = _row(fn.lower(*args).compile(), topo)
     except Exception as e:  # The TPU compiler refuses a program that cannot fit: report it, do not crash.
       out["programs"][name] = _oom_row(str(e), args)
+    if sharding.UNSHARDED_BATCHES:
+      dp = sharding.data_parallel_size(mesh)
+      shapes = sorted(sharding.UNSHARDED_BATCHES)
+      out["programs"][name]["warning"] = (
+          f"activations of {len(shapes)} shape(s), e.g. {list(shapes[0])}, have a batch of rows the "
+          f"{dp} data-parallel devices do not divide: every device holds and computes all of them. Make the "
+          "rows per pass (train.batch_size, x grpo.group_size, / minibatches) a multiple of " + str(dp))
   layers = _num_layers(config)
   if extrapolate and layers > 2 and topo is not None:
     times = [_program_times(config, mesh, n) for n in (1, 2)]
@@ -186,8 +194,11 @@ def advice(config, row: dict, hbm: float) -> str:
     knobs.append("model.remat=full (recompute activations in the backward pass)")
   if config.mesh.data > 1:
     knobs.append("more of the mesh on fsdp (mesh.data=1 mesh.fsdp=-1): params and optimizer state shard further")
-  if config.train.get("grad_accum", 1) == 1 and config.train.batch_size > 1:
+  if "grad_accum" in config.train and config.train.grad_accum == 1 and config.train.batch_size > 1:
     knobs.append("train.grad_accum=2 or more (fewer rows in flight per device)")
+  for group in ("ppo", "grpo"):
+    if group in config and config[group].minibatches == 1:
+      knobs.append(f"{group}.minibatches=2 or more (fewer rows per update pass)")
   knobs.append("a shorter train.seq_len, or a larger slice")
   return f"needs {over:.1f}x the {hbm / 2**30:.0f} GiB of HBM per device: try " + "; ".join(knobs)
 
@@ -222,4 +233,6 @@ def summary(out: dict) -> str:
     lines.append(line)
     if row.get("advice"):
       lines.append(f"    {row['advice']}")
+    if row.get("warning"):
+      lines.append(f"    warning: {row['warning']}")
   return "\n".join(lines)

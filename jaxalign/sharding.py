@@ -110,14 +110,25 @@ def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules
   return P(*out)
 
 
+# Activation shapes whose batch dimension the data axes did not divide, recorded while tracing (the compile
+# plan reports them: every device then holds and computes all of those rows).
+UNSHARDED_BATCHES: set[tuple[int, ...]] = set()
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   """`x` constrained to the logical `axes` under the mesh in context (`jax.set_mesh`); unchanged without one.
 
-  A dimension its mesh axes do not divide stays unsharded (as for params), so odd batch sizes still trace."""
+  A dimension its mesh axes do not divide stays unsharded (as for params), so odd batch sizes still trace;
+  for the batch dimension that is recorded in UNSHARDED_BATCHES."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return x
-  return jax.lax.with_sharding_constraint(x, spec_for(axes, x.shape, mesh, name="activation"))
+  spec = spec_for(axes, x.shape, mesh, name="activation")
+  if "act_batch" in axes:
+    i = list(axes).index("act_batch")
+    if spec[i] is None and x.shape[i] > 1 and math.prod(mesh.shape[a] for a in BATCH) > 1:
+      UNSHARDED_BATCHES.add(tuple(x.shape))
+  return jax.lax.with_sharding_constraint(x, spec)
 
 
 def platform() -> str:

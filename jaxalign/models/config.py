@@ -44,7 +44,7 @@ class ModelConfig:
   pad_token_id: int | None = None
   param_dtype: str = "float32"
   dtype: str = "float32"  # Matmul dtype (bfloat16 on accelerators); logits and softmax stay float32.
-  remat: str = "none"  # 'none' | 'full' (recompute each layer in the backward) | 'dots' (keep matmul outputs).
+  remat: str = "none"  # 'none' | 'full' (recompute each layer) | 'dots' (keep matmul outputs) | 'offload' (to host).
   scan_layers: bool = True  # lax.scan over the stacked layers: compile time independent of depth.
   # 'auto': splash on TPU, else fused unless soft-capped | 'fused' (hand-written backward) | 'dense' | 'splash'
   # (the Pallas TPU kernel; Pallas interpret mode off TPU: for tests).
@@ -64,8 +64,8 @@ class ModelConfig:
       raise ValueError(f"act={self.act!r}: expected 'silu', 'gelu_tanh' or 'gelu'")
     if self.vocab_tiles < 0 or (self.vocab_tiles and self.vocab_size % self.vocab_tiles):
       raise ValueError(f"vocab_tiles={self.vocab_tiles}: must divide vocab_size={self.vocab_size} (0 = auto)")
-    if self.remat not in ("none", "full", "dots"):
-      raise ValueError(f"remat={self.remat!r}: expected none|full|dots")
+    if self.remat not in ("none", "full", "dots", "offload"):
+      raise ValueError(f"remat={self.remat!r}: expected none|full|dots|offload")
     if self.attention not in ("auto", "dense", "fused", "splash"):
       raise ValueError(f"attention={self.attention!r}: expected auto|dense|fused|splash")
     bad = set(self.lora_targets) - set(LORA_SHAPES)

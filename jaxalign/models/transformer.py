@@ -194,9 +194,7 @@ class Transformer(nnx.Module):
       return _c(x_BTD, BTD), kv
 
     if cfg.remat != "none":
-      policy = (jax.checkpoint_policies.checkpoint_dots if cfg.remat == "dots"
-                else jax.checkpoint_policies.nothing_saveable)
-      body = jax.checkpoint(body, policy=policy, prevent_cse=not cfg.scan_layers)
+      body = jax.checkpoint(body, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
 
     if cfg.scan_layers:
       kv_in = (jnp.stack(cache.k_BKHS), jnp.stack(cache.v_BKSH)) if cache is not None else None
@@ -217,6 +215,18 @@ class Transformer(nnx.Module):
     if cache is not None:
       cache = KVCache(kv_out[0], kv_out[1], k_seg, k_pos, cache.index + t)
     return h_BTD, cache
+
+
+def remat_policy(remat: str):
+  """What a layer keeps for its backward: 'full' nothing (recompute the layer), 'dots' every matmul output,
+  'offload' the weight matmuls' outputs moved to host memory (TPU/GPU; recomputes attention and
+  elementwise ops, reads the projections back instead of recomputing them)."""
+  cp = jax.checkpoint_policies
+  if remat == "dots":
+    return cp.checkpoint_dots
+  if remat == "offload":
+    return cp.offload_dot_with_no_batch_dims(offload_src="device", offload_dst="pinned_host")
+  return cp.nothing_saveable
 
 
 def dense(x, w, contract: int = 1, preferred=None):
