@@ -70,9 +70,11 @@ def compile_plan(config, topology: str = "", num_slices: int = 1, *, extrapolate
     times = [_program_times(config, mesh, n) for n in (1, 2)]
     for name, row in out["programs"].items():
       if name in times[0] and name in times[1]:
-        t1, t2 = times[0][name], times[1][name]
+        (t1, b1), (t2, b2) = times[0][name], times[1][name]
         row["step_seconds"] = t1 + (layers - 1) * (t2 - t1)
         row["step_seconds_from"] = f"unrolled 1- and 2-layer compiles: {t1:.4g} + {layers - 1} x ({t2:.4g} - {t1:.4g})"
+        row["collective_bytes_per_step"] = {op: b1.get(op, 0) + (layers - 1) * (b2.get(op, 0) - b1.get(op, 0))
+                                            for op in sorted(set(b1) | set(b2))}
   for name, row in out["programs"].items():
     flops = _model_flops(config, name, layers)
     if flops:
@@ -119,7 +121,8 @@ def _oom_row(message: str, args) -> dict:
 
 
 def _program_times(config, mesh, layers: int) -> dict:
-  """Cost-model seconds of each program with the model cut to `layers` unrolled layers."""
+  """(cost-model seconds, collective bytes by op) of each program with the model cut to `layers` unrolled
+  layers."""
   c = config.copy_and_resolve_references()
   with c.unlocked():
     c.model.plan_layers = layers  # Read by setup.resolve_model_config; plans only.
@@ -128,11 +131,12 @@ def _program_times(config, mesh, layers: int) -> dict:
   for name, (fn, args) in parts.programs.items():
     try:
       with jax.set_mesh(mesh):
-        cost = _cost(fn.lower(*args).compile())
+        compiled = fn.lower(*args).compile()
     except Exception:  # Even one or two layers do not fit: no time estimate.
       continue
+    cost = _cost(compiled)
     if cost.get("optimal_seconds"):
-      out[name] = float(cost["optimal_seconds"])
+      out[name] = (float(cost["optimal_seconds"]), collective_bytes(compiled.as_text() or ""))
   return out
 
 
@@ -168,14 +172,27 @@ def collective_counts(hlo: str) -> dict:
   return {k: v for k, v in counts.items() if v}
 
 
-def largest(hlo: str, op: str, n: int = 3) -> list[dict]:
-  """The `n` largest results of `op` in the HLO, by bytes per device."""
+def collective_bytes(hlo: str) -> dict:
+  """Result bytes per device of each collective op in the HLO, summed (a while-loop body counted once)."""
+  return {op: sum(r["bytes"] for r in largest(hlo, op, n=None)) for op in COLLECTIVES}
+
+
+def largest(hlo: str, op: str, n: int | None = 3) -> list[dict]:
+  """The `n` largest results of `op` in the HLO (all if n is None), by bytes per device. A combined op
+  (a tuple result) counts all its arrays; an async `-start` tuple (operands, results) its largest array."""
   found = []
-  for m in re.finditer(rf"= \(?([a-z0-9]+)\[([0-9,]*)\][^=]*?\b{op}(?:-start)?\(", hlo):
-    dims = [int(x) for x in m.group(2).split(",") if x]
-    found.append({"shape": dims, "dtype": m.group(1),
-                  "bytes": int(np.prod(dims or [1])) * _DTYPE_BYTES.get(m.group(1), 4)})
-  return sorted(found, key=lambda r: -r["bytes"])[:n]
+  for m in re.finditer(rf"= (\([^=]*?\)|[a-z0-9]+\[[0-9,]*\]\S*) \b{op}(-start)?\(", hlo):
+    arrays = [(dt, [int(x) for x in dims.split(",") if x])
+              for dt, dims in re.findall(r"([a-z][a-z0-9]*)\[([0-9,]*)\]", m.group(1))]
+    sizes = [int(np.prod(d or [1])) * _DTYPE_BYTES.get(dt, 4) for dt, d in arrays]
+    if not sizes:
+      continue
+    if m.group(2):
+      i = int(np.argmax(sizes))
+      arrays, sizes = [arrays[i]], [sizes[i]]
+    found.append({"shape": arrays[0][1] if len(arrays) == 1 else [a[1] for a in arrays],
+                  "dtype": arrays[0][0], "bytes": int(sum(sizes))})
+  return sorted(found, key=lambda r: -r["bytes"])[:n] if n else found
 
 
 def attention_kind(hlo: str) -> str:
@@ -230,6 +247,8 @@ def summary(out: dict) -> str:
       line += f"; step {row['step_seconds']:.3g} s"
     if row.get("mfu"):
       line += f", MFU {100 * row['mfu']:.0f}%"
+    if row.get("collective_bytes_per_step"):
+      line += f"; collectives {gib(sum(row['collective_bytes_per_step'].values()))} per device per step"
     lines.append(line)
     if row.get("advice"):
       lines.append(f"    {row['advice']}")
