@@ -157,7 +157,7 @@ def test_two_processes_share_one_bucket_workdir_and_resume_the_same_step(inputs,
 
   def run(extra):
     port = gcs.free_port()
-    cmd = _sft(inputs, wd, steps=6) + ["--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.eval.every=0",
+    cmd = _sft(inputs, wd, steps=4) + ["--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.eval.every=0",
                                        "--config.logging.tensorboard=false", *extra]
     ps = [subprocess.Popen(cmd + [f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -167,11 +167,11 @@ def test_two_processes_share_one_bucket_workdir_and_resume_the_same_step(inputs,
       assert p.returncode == 0, o[-3000:]
     return outs
 
-  run(["--config.train.run_steps=4"])
-  assert sorted(_losses(wd)) == [1, 2, 3, 4] and not paths.exists(paths.join(wd, "export"))
+  run(["--config.train.run_steps=2"])
+  assert sorted(_losses(wd)) == [1, 2] and not paths.exists(paths.join(wd, "export"))
   outs = run([])
   for o in outs:
-    assert f"resumed sft from {wd}/checkpoints step 4" in o
+    assert f"resumed sft from {wd}/checkpoints step 2" in o
   rows = [json.loads(r) for r in paths.read_text(paths.join(wd, "metrics.jsonl")).splitlines()]
-  assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]  # Written once: the primary.
+  assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]  # Written once: the primary.
   assert paths.exists(paths.join(wd, "export", "hf", "model.safetensors"))
