@@ -5,13 +5,11 @@ Writes WORKDIR/samples.jsonl and WORKDIR/eval.json, and the usual metrics.jsonl 
 
 from __future__ import annotations
 
-import json
-import os
 
 import jax
 import numpy as np
 
-from jaxalign import sharding
+from jaxalign import paths, sharding
 from jaxalign.data import datasets
 from jaxalign.data.prompts import pad_id, stop_ids
 from jaxalign.loops import driver, setup
@@ -68,7 +66,7 @@ def _run(parts: driver.Parts, config, workdir: str) -> dict:
   ev: SampledEval = parts.evaluate
   sources = parts.sources
   metrics, texts = ev.run(parts.state.params["model"])
-  write_jsonl(os.path.join(workdir, "samples.jsonl"), texts)
+  write_jsonl(paths.join(workdir, "samples.jsonl"), texts)
   if config.compare.init:
     other, _ = setup.load_model(config.compare.init, ev.model_cfg, parts.mesh, jax.random.PRNGKey(0),
                                 key="compare.init")
@@ -83,8 +81,7 @@ def _run(parts: driver.Parts, config, workdir: str) -> dict:
   writer.write(0, "eval", {k: v for k, v in metrics.items() if not isinstance(v, str)})
   writer.close()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump({"metrics": metrics, "sources": sources}, f, indent=2)
+    paths.write_json(paths.join(workdir, "eval.json"), {"metrics": metrics, "sources": sources}, indent=2)
   return metrics
 
 

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign import sharding
+from jaxalign import paths, sharding
 from jaxalign.data import batching
 from jaxalign.data.prompts import left_pad, stop_ids
 from jaxalign.metrics import fetch
@@ -101,7 +101,6 @@ class SampledEval:
 
 
 def write_jsonl(path: str, rows: list[dict]):
+  """Rows as JSONL, written whole by the primary process (one object upload in a bucket)."""
   if jax.process_index() == 0:
-    with open(path, "w") as f:
-      for r in rows:
-        f.write(json.dumps(r) + "\n")
+    paths.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
