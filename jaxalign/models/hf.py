@@ -1,18 +1,22 @@
 """Hugging Face checkpoint directory <-> jaxalign params.
 
-Loading streams one tensor at a time from memory-mapped safetensors (single file or sharded with an index)
-and places each parameter directly with its target sharding: every device receives only its shard, and the
-host holds at most one parameter at a time. Saving writes safetensors + config.json that `transformers` loads.
+Loading reads memory-mapped safetensors (single file or sharded with an index) in pieces of at most one
+per-layer tensor, each placed directly with its target sharding and written into the final sharded array on
+device: every host reads only the slices its devices hold, and holds at most one piece at a time. Saving
+writes safetensors + config.json that `transformers` loads.
 
 The directory may be in a bucket (gs://): safetensors are then read in place by ranged reads through the path
-layer (one tensor's bytes at a time, nothing downloaded whole), and only the small files transformers itself
-must parse (config.json, tokenizer files) are copied to a local cache (`paths.local_copy`). Saving writes
+layer (one layer tensor's bytes, or an embedding's rows, at a time; nothing downloaded whole), and only the small
+files transformers itself must parse (config.json, tokenizer files) are copied to a local cache
+(`paths.local_copy`). Saving writes
 safetensors straight to the bucket and uploads what `save_pretrained` wrote locally.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 import struct
 from typing import Any, Callable, Iterator
@@ -206,20 +210,35 @@ class SafetensorsDir:
   def names(self) -> list[str]:
     return list(self._where)
 
-  def get(self, name: str) -> np.ndarray:
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._info(name)[1]["shape"])
+
+  def _info(self, name: str):
     if name not in self._where:
       raise KeyError(f"{self.path}: tensor {name!r} not found in the checkpoint")
-    full, info, base = self._where[name]
-    start, end = info["data_offsets"]
+    return self._where[name]
+
+  def get(self, name: str, rows: slice | None = None) -> np.ndarray:
+    """The tensor (or its first-axis `rows`): a view of the memory map, or one ranged read of just those bytes."""
+    full, info, base = self._info(name)
+    start = info["data_offsets"][0]
     dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-    if self.remote:  # One ranged read of this tensor's bytes.
-      with paths.open(full, "rb") as f:
-        f.seek(base + start)
-        raw = f.read(end - start)
-      if len(raw) != end - start:
-        raise OSError(f"{full}: tensor {name!r} truncated ({len(raw)} of {end - start} bytes)")
-      return np.frombuffer(raw, dtype=dtype).reshape(tuple(info["shape"]))
-    return np.memmap(full, dtype=dtype, mode="r", offset=base + start, shape=tuple(info["shape"]))
+    shape = tuple(info["shape"])
+    if not self.remote:
+      w = np.memmap(full, dtype=dtype, mode="r", offset=base + start, shape=shape)
+      return w if rows is None else w[rows]
+    lo, hi = (0, shape[0] if shape else 1) if rows is None else rows.indices(shape[0])[:2]
+    if rows is not None and rows.step not in (None, 1):
+      raise ValueError(f"SafetensorsDir.get: rows must be contiguous, got {rows}")
+    hi = max(lo, hi)
+    row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+    with paths.open(full, "rb") as f:
+      f.seek(base + start + lo * row_bytes)
+      raw = f.read((hi - lo) * row_bytes)
+    if len(raw) != (hi - lo) * row_bytes:
+      raise OSError(f"{full}: tensor {name!r} truncated ({len(raw)} of {(hi - lo) * row_bytes} bytes)")
+    w = np.frombuffer(raw, dtype=dtype)
+    return w.reshape(shape) if rows is None else w.reshape((hi - lo,) + shape[1:])
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
@@ -255,50 +274,156 @@ def _set(tree: dict, path: tuple[str, ...], value):
   tree[path[-1]] = value
 
 
-def load_params(path: str, cfg: ModelConfig, shardings=None, *, dtype=None) -> dict:
-  """Params of `cfg` from the HF directory `path`, each placed with its sharding (a matching tree)."""
-  import jax.numpy as jnp
+def _sources(st: SafetensorsDir, cfg: ModelConfig, path: str,
+             dtype) -> Iterator[tuple[tuple[str, ...], tuple, Callable]]:
+  """(our path, global shape, read) per param; read(idx) -> just that box of ours, in `dtype`, from the files.
 
-  st = SafetensorsDir(path)
-  dtype = np.dtype(dtype or cfg.param_dtype)
+  A stacked param's box reads the layers in its first slice (one HF tensor at a time, the rest of the box
+  applied to each after the HF->ours transform); the others read only the HF rows the box covers."""
   layer_map = _layer_map(cfg)
-  flat_shardings = dict(_flat(shardings)) if shardings is not None else {}
-  params: dict = {}
   for ours, names in hf_names(cfg).items():
     if ours[0] == "layers":
       fn = layer_map[ours[1]][1]
-      host = np.stack([np.asarray(fn(st.get(n)), dtype=dtype) for n in names])
+      layer_shape = jax.eval_shape(fn, jax.ShapeDtypeStruct(st.shape(names[0]), dtype)).shape
+      shape = (len(names),) + tuple(layer_shape)
+      yield ours, shape, _stacked_reader(st, names, fn, shape, dtype)
     elif ours == ("lm_head",) and names[0] not in st:
       if "score.weight" not in st:
         raise KeyError(f"{path}: lm_head.weight missing and tie_word_embeddings is false")
-      host = np.zeros((cfg.hidden_size, cfg.vocab_size), dtype)  # A *ForSequenceClassification checkpoint.
+      shape = (cfg.hidden_size, cfg.vocab_size)  # A *ForSequenceClassification checkpoint: no LM head.
+      yield ours, shape, lambda idx, shape=shape: np.zeros(_box(idx, shape), dtype)
+    elif ours == ("lm_head",):  # Ours is HF's transpose: our columns are its rows.
+      yield ours, st.shape(names[0])[::-1], lambda idx, n=names[0]: np.asarray(st.get(n, rows=idx[1]).T[idx[0]], dtype)
     else:
-      w = np.asarray(st.get(names[0]), dtype=dtype)
-      host = w.T if ours == ("lm_head",) else w
-    sharding = flat_shardings.get(ours)
-    if sharding is None:
-      arr = jnp.asarray(host)
-    else:
-      arr = jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx])
-    _set(params, ours, arr)
-    del host
+      shape = st.shape(names[0])
+      yield ours, shape, lambda idx, n=names[0]: np.asarray(st.get(n, rows=idx[0])[(slice(None),) + idx[1:]], dtype)
+
+
+def _box(idx: tuple, shape: tuple) -> tuple[int, ...]:
+  return tuple(len(range(*s.indices(d))) for s, d in zip(idx, shape))
+
+
+def _stacked_reader(st: SafetensorsDir, names: list[str], fn: Callable, shape: tuple, dtype) -> Callable:
+  # The last layer read, shared by the devices that hold slices of it: one layer at most (a view of the memory
+  # map locally, one ranged read of a remote file).
+  held: dict[str, np.ndarray] = {}
+
+  def layer(name):
+    if name not in held:
+      held.clear()
+      held[name] = fn(st.get(name))  # A view: transposes and reshapes of the memory map copy nothing.
+    return held[name]
+
+  def read(idx):
+    out = np.empty(_box(idx, shape), dtype)
+    for j, i in enumerate(range(*idx[0].indices(len(names)))):
+      out[j] = layer(names[i])[idx[1:]]  # Converted to `dtype` as it is copied, slice by slice.
+    return out
+
+  return read
+
+
+@functools.cache
+def _write_piece(axis: int, sharding):
+  """buf[..., start:start + n, ...] = piece along `axis`, in place (buf donated)."""
+  def write(buf, piece, start):
+    return jax.lax.dynamic_update_slice_in_dim(buf, piece, start, axis)
+  return jax.jit(write, donate_argnums=0, out_shardings=sharding)
+
+
+def _split_axis(shape: tuple, sharding) -> int | None:
+  """The first axis (of size > 1) that no device splits: pieces along it keep every device's layout."""
+  shard = shape if sharding is None else sharding.shard_shape(shape)
+  return next((a for a, (n, s) in enumerate(zip(shape, shard)) if n > 1 and n == s), None)
+
+
+def piece_rows(shape: tuple, sharding, dtype, max_piece_bytes: int) -> tuple[int | None, int]:
+  """(axis, rows per piece) in which a param of `shape` is loaded: pieces of at most `max_piece_bytes` along an
+  axis no device splits (one piece, axis None, when it is small enough or every axis is split)."""
+  nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+  axis = _split_axis(shape, sharding)
+  if axis is None or nbytes <= max_piece_bytes:
+    return None, 0
+  return axis, max(1, max_piece_bytes * shape[axis] // nbytes)
+
+
+def _place(shape: tuple, dtype, sharding, read: Callable, max_piece_bytes: int):
+  """The global array `read` describes, built piece by piece so the host holds at most one piece.
+
+  Each piece is a global array whose addressable shards are read by their index (each host reads only its
+  devices' slices; slices several devices share are read once), then written in place into the final buffer;
+  the next piece is read only once that write has finished, so host memory never holds two."""
+  axis, rows = piece_rows(shape, sharding, dtype, max_piece_bytes)
+
+  def array(piece_shape, read_piece):
+    if sharding is None:  # Uncommitted on the default device, as `jnp.asarray` places it.
+      return jax.numpy.asarray(read_piece(tuple(slice(0, n) for n in piece_shape)))
+    seen: dict = {}
+
+    def cb(idx):
+      key = tuple(s.indices(n) for s, n in zip(idx, piece_shape))
+      if key not in seen:
+        seen[key] = read_piece(tuple(slice(*k) for k in key))
+      return seen[key]
+    return jax.make_array_from_callback(piece_shape, sharding, cb)
+
+  if axis is None:
+    return array(shape, read)
+  if sharding is None:
+    buf = jax.numpy.zeros(shape, dtype)
+  else:
+    buf = jax.numpy.zeros(shape, dtype, device=sharding)
+  for start in range(0, shape[axis], rows):
+    n = min(rows, shape[axis] - start)
+
+    def read_piece(idx, start=start, n=n):
+      s = idx[axis].indices(n)
+      return read(idx[:axis] + (slice(start + s[0], start + s[1]),) + idx[axis + 1:])
+
+    piece = array(shape[:axis] + (n,) + shape[axis + 1:], read_piece)
+    buf = _write_piece(axis, sharding)(buf, piece, start)
+    del piece
+    buf.block_until_ready()
+  return buf
+
+
+def max_layer_bytes(cfg: ModelConfig, dtype=None) -> int:
+  """Bytes of the largest per-layer tensor (in `dtype`): the most `load_params` holds on a host at once."""
+  dtype = np.dtype(dtype or cfg.param_dtype)
+  d, f, n, k, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  return max(d * f, d * n * h, d * k * h) * dtype.itemsize
+
+
+def load_params(path: str, cfg: ModelConfig, shardings=None, *, dtype=None) -> dict:
+  """Params of `cfg` from the HF directory `path`, each placed with its sharding (a matching tree).
+
+  Host memory is bounded by one per-layer tensor: every param is read and placed in pieces of at most
+  `max_layer_bytes` (a stacked param one layer at a time; embeddings in row blocks), and each host reads only
+  the slices its own devices hold. Why: a stacked 70B MLP weight is 75 GB in float32; building it whole on
+  every host, as this did before, does not fit."""
+  st = SafetensorsDir(path)
+  dtype = np.dtype(dtype or cfg.param_dtype)
+  flat_shardings = dict(_flat(shardings)) if shardings is not None else {}
+  bound = max_layer_bytes(cfg, dtype)
+  params: dict = {}
+  for ours, shape, read in _sources(st, cfg, path, dtype):
+    _set(params, ours, _place(tuple(shape), dtype, flat_shardings.get(ours), read, bound))
   return params
 
 
 def load_score_head(path: str, cfg: ModelConfig, sharding=None) -> dict | None:
   """The scalar head of an HF *ForSequenceClassification checkpoint (num_labels=1), or None."""
-  import jax.numpy as jnp
-
   st = SafetensorsDir(path)
   if "score.weight" not in st:
     return None
-  w = np.asarray(st.get("score.weight"), dtype=np.dtype(cfg.param_dtype))
-  if w.shape != (1, cfg.hidden_size):
-    raise ValueError(f"{path}: score.weight has shape {w.shape}; a reward model needs num_labels=1")
-  w = w[0]
-  if sharding is None:
-    return {"w": jnp.asarray(w)}
-  return {"w": jax.make_array_from_callback(w.shape, sharding["w"], lambda idx: w[idx])}
+  if st.shape("score.weight") != (1, cfg.hidden_size):
+    raise ValueError(f"{path}: score.weight has shape {st.shape('score.weight')}; a reward model needs num_labels=1")
+  dtype = np.dtype(cfg.param_dtype)
+
+  def read(idx):  # One [d] vector.
+    return np.asarray(st.get("score.weight")[0][idx], dtype)
+  return {"w": _place((cfg.hidden_size,), dtype, None if sharding is None else sharding["w"], read,
+                      max_layer_bytes(cfg, dtype))}
 
 
 def hf_tensors(cfg: ModelConfig, params: dict, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
