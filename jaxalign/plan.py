@@ -152,16 +152,19 @@ def _num_layers(config) -> int:
 
 
 def _model_flops(config, program: str, layers: int) -> float:
-  """Model FLOPs of one train step (6 N per trained token plus causal attention), the usual MFU convention;
-  0 for programs that do not train (sampling)."""
+  """Model FLOPs of one train step, the usual MFU convention: 6 x the matmul params per trained token (the
+  input embedding is a lookup, not a matmul; the reward stage runs no LM head) plus causal attention
+  (6 L T H N per token, half of the full 12); 0 for programs that do not train (sampling)."""
   from jaxalign.loops import setup
   if program not in ("train_step",):
     return 0.0
   cfg = setup.resolve_model_config(config.model.init, config.model)
   rows = config.train.batch_size * (2 if config.stage in ("reward", "dpo") else 1)
   t = config.train.seq_len
-  attn = 6 * layers * t * cfg.num_heads * cfg.head_dim  # Causal: half of 12 L T D per token.
-  return float(rows * t * (6 * cfg.num_params() + attn))
+  vd = cfg.vocab_size * cfg.hidden_size
+  matmul = cfg.num_params() - (0 if cfg.tie_embeddings else vd) - (vd if config.stage == "reward" else 0)
+  attn = 6 * layers * t * cfg.num_heads * cfg.head_dim
+  return float(rows * t * (6 * matmul + attn))
 
 
 def collective_counts(hlo: str) -> dict:
