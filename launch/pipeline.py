@@ -19,8 +19,12 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/quickstart", "Directory for ever
 
 def main(argv):
   del argv
-  from jaxalign import quickstart
+  from jaxalign import paths, quickstart
 
+  if paths.is_remote(_WORKDIR.value):  # The laptop path: its built-in data and report are local files.
+    print(f"error: --workdir={_WORKDIR.value}: the pipeline keeps its workdir local; give a local directory "
+          "(for a bucket, run each stage with launch/train.py --workdir=gs://...)", file=sys.stderr)
+    sys.exit(2)
   quickstart.run(_CONFIG.value, _WORKDIR.value)
 
 

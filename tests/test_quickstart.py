@@ -29,3 +29,14 @@ def test_pipeline_raises_gold_reward_over_sft(tmp_path):
   again = subprocess.run([sys.executable, "launch/pipeline.py", "--config=configs/quickstart.py:test",
                           f"--workdir={wd}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert again.returncode == 0 and again.stdout.count("done already") == 9
+
+
+def test_pipeline_refuses_a_bucket_workdir_in_one_line():
+  """The pipeline is the laptop path: a gs:// workdir is one clear line and exit 2, not a local './gs:' folder."""
+  out = subprocess.run([sys.executable, "launch/pipeline.py", "--config=configs/quickstart.py:test",
+                        "--workdir=gs://bucket/run"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2, out.stderr
+  assert out.stderr.strip().splitlines() == [
+      "error: --workdir=gs://bucket/run: the pipeline keeps its workdir local; give a local directory "
+      "(for a bucket, run each stage with launch/train.py --workdir=gs://...)"]
+  assert not os.path.exists(os.path.join(ROOT, "gs:"))

@@ -293,12 +293,16 @@ def rope_tables(cfg: ModelConfig, positions_BT):
 
 
 def apply_rope(x_BTNH, sin_BTH, cos_BTH):
-  """Rotate-half RoPE (the HF convention), in float32."""
-  x = x_BTNH.astype(jnp.float32)
-  half = x.shape[-1] // 2
-  rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  out = x * cos_BTH[:, :, None, :] + rot * sin_BTH[:, :, None, :]
-  return out.astype(x_BTNH.dtype)
+  """Rotate-half RoPE in the dtype of x, as transformers does it.
+
+  The angles and their sin/cos are float32 (`rope_tables`); the rotation itself runs in the activation dtype,
+  with the tables cast to it: transformers' `apply_rotary_pos_emb` casts cos/sin to q's dtype, so bf16 logits
+  match it this way. It is also the cheaper program: a float32 rotation doubles the q/k bytes each layer moves
+  (TPU cost model, Llama-3-8B SFT 4k on v5p-128: 0.693 -> 0.678 s per step, docs/performance.md)."""
+  cos, sin = cos_BTH.astype(x_BTNH.dtype), sin_BTH.astype(x_BTNH.dtype)
+  half = x_BTNH.shape[-1] // 2
+  rot = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
+  return x_BTNH * cos[:, :, None, :] + rot * sin[:, :, None, :]
 
 
 def _act(cfg: ModelConfig, x):
