@@ -38,17 +38,19 @@ def masked_mean(x, mask, axis=None, eps: float = 1e-8):
 
 
 def head_logprobs(h_BTD, w_DV, targets_BT, *, tiles: int, temperature: float = 1.0,
-                  softcap: float | None = None):
+                  softcap: float | None = None, unroll: bool = False):
   """(log p(targets) [B, T], entropy [B, T]) of softmax(cap(h . w) / temperature), float32.
 
   `h_BTD`, `w_DV` in the matmul dtype (logits accumulate in float32); `softcap`: Gemma 2's tanh capping
   before the temperature; `tiles` must divide V. Exact against the dense head (tests/losses/test_lm.py).
-  The entropy is a metric: its cotangent is ignored (no loss of the project differentiates it)."""
+  The entropy is a metric: its cotangent is ignored (no loss of the project differentiates it).
+  `unroll`: the tile loops unrolled (models with `scan_layers=False`, as the compile plan builds them: XLA's
+  cost model counts a loop body once, so a looped head would be counted at 1/tiles of its cost)."""
   v = w_DV.shape[1]
   if v % tiles:
     raise ValueError(f"vocab tiles: {tiles} tiles do not divide the vocabulary of {v}")
   return _head_logprobs(h_BTD, w_DV, targets_BT.astype(jnp.int32), tiles, float(temperature),
-                        None if not softcap else float(softcap))
+                        None if not softcap else float(softcap), bool(unroll))
 
 
 def _tiled(w_DV, tiles: int):
@@ -71,12 +73,12 @@ def _column_ids(i, c: int, tiles: int):
   return jnp.arange(c, dtype=jnp.int32) * tiles + i  # Vocabulary ids of tile i's columns.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _head_logprobs(h_BTD, w_DV, targets_BT, tiles, temperature, softcap):
-  return _head_fwd(h_BTD, w_DV, targets_BT, tiles, temperature, softcap)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _head_logprobs(h_BTD, w_DV, targets_BT, tiles, temperature, softcap, unroll):
+  return _head_fwd(h_BTD, w_DV, targets_BT, tiles, temperature, softcap, unroll)[0]
 
 
-def _head_fwd(h_BTD, w_DV, targets_BT, tiles, temperature, softcap):
+def _head_fwd(h_BTD, w_DV, targets_BT, tiles, temperature, softcap, unroll):
   b, t, _ = h_BTD.shape
   c = w_DV.shape[1] // tiles
 
@@ -95,13 +97,14 @@ def _head_fwd(h_BTD, w_DV, targets_BT, tiles, temperature, softcap):
 
   zeros = jnp.zeros((b, t), jnp.float32)
   init = (jnp.full((b, t), -jnp.inf, jnp.float32), zeros, zeros, zeros)
-  (m, s, e, tgt), _ = jax.lax.scan(body, init, (jnp.arange(tiles, dtype=jnp.int32), _tiled(w_DV, tiles)))
+  (m, s, e, tgt), _ = jax.lax.scan(body, init, (jnp.arange(tiles, dtype=jnp.int32), _tiled(w_DV, tiles)),
+                                   unroll=tiles if unroll else 1)
   lse = m + jnp.log(s)
   out = (tgt - lse, lse - e / s)
   return out, (h_BTD, w_DV, targets_BT, lse)
 
 
-def _head_bwd(tiles, temperature, softcap, res, cotangents):
+def _head_bwd(tiles, temperature, softcap, unroll, res, cotangents):
   h_BTD, w_DV, targets_BT, lse = res
   g_BT = cotangents[0]  # The entropy's cotangent is ignored (see head_logprobs).
   b, t, d = h_BTD.shape
@@ -121,7 +124,7 @@ def _head_bwd(tiles, temperature, softcap, res, cotangents):
     return sharding.constrain(dh, _BTD), dw_DC.astype(w_DV.dtype)
 
   dh, dw_tDC = jax.lax.scan(body, jnp.zeros((b, t, d), jnp.float32),
-                            (jnp.arange(tiles, dtype=jnp.int32), _tiled(w_DV, tiles)))
+                            (jnp.arange(tiles, dtype=jnp.int32), _tiled(w_DV, tiles)), unroll=tiles if unroll else 1)
   dw_DV = dw_tDC.transpose(1, 2, 0).reshape(d, -1)  # Undo _tiled's strided layout.
   return dh.astype(h_BTD.dtype), dw_DV, None
 

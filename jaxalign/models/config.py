@@ -45,7 +45,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"  # Matmul dtype (bfloat16 on accelerators); logits and softmax stay float32.
   remat: str = "none"  # 'none' | 'full' (recompute each layer) | 'dots' (keep matmul outputs) | 'offload' (to host).
-  scan_layers: bool = True  # lax.scan over the stacked layers: compile time independent of depth.
+  scan_layers: bool = True  # lax.scan over the stacked layers (and LM-head tiles): compile time independent of depth.
   # 'auto': splash on TPU, else fused unless soft-capped | 'fused' (hand-written backward) | 'dense' | 'splash'
   # (the Pallas TPU kernel; Pallas interpret mode off TPU: for tests).
   attention: str = "auto"

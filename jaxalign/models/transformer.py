@@ -141,7 +141,7 @@ class Transformer(nnx.Module):
       return lm.token_logprobs(logits_BTV, targets_BT), lm.token_entropy(logits_BTV)
     dt = jnp.dtype(cfg.dtype)
     return lm.head_logprobs(h_BTD.astype(dt), self.head_weight().astype(dt), targets_BT, tiles=tiles,
-                            temperature=temperature, softcap=cfg.final_softcap)
+                            temperature=temperature, softcap=cfg.final_softcap, unroll=not cfg.scan_layers)
 
   def logits(self, h_BTD) -> jax.Array:
     """Final-normed hidden states -> float32 logits (soft-capped for Gemma 2)."""

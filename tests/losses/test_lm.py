@@ -18,8 +18,9 @@ def _dense(h, w, tgt, temperature, softcap):
   return lm.token_logprobs(z, tgt), lm.token_entropy(z)
 
 
-@pytest.mark.parametrize("tiles,temperature,softcap", [(4, 1.0, None), (8, 0.7, None), (2, 1.0, 3.0)])
-def test_head_logprobs_matches_dense(tiles, temperature, softcap):
+@pytest.mark.parametrize("tiles,temperature,softcap,unroll", [(4, 1.0, None, False), (8, 0.7, None, False),
+                                                              (2, 1.0, 3.0, False), (4, 0.7, 3.0, True)])
+def test_head_logprobs_matches_dense(tiles, temperature, softcap, unroll):
   k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(0), 4)
   b, t, d, v = 2, 5, 16, 64
   h = jax.random.normal(k1, (b, t, d))
@@ -27,12 +28,13 @@ def test_head_logprobs_matches_dense(tiles, temperature, softcap):
   tgt = jax.random.randint(k3, (b, t), 0, v)
   g = jax.random.normal(k4, (b, t))  # A non-uniform cotangent.
   kw = dict(temperature=temperature, softcap=softcap)
-  lp, ent = lm.head_logprobs(h, w, tgt, tiles=tiles, **kw)
+  lp, ent = lm.head_logprobs(h, w, tgt, tiles=tiles, unroll=unroll, **kw)
   lp0, ent0 = _dense(h, w, tgt, **kw)
   np.testing.assert_allclose(lp, lp0, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(ent, ent0, rtol=1e-5, atol=1e-5)
   loss = lambda f: lambda h, w: jnp.sum(f(h, w)[0] * g)  # noqa: E731
-  grads = jax.grad(loss(lambda h, w: lm.head_logprobs(h, w, tgt, tiles=tiles, **kw)), argnums=(0, 1))(h, w)
+  grads = jax.grad(loss(lambda h, w: lm.head_logprobs(h, w, tgt, tiles=tiles, unroll=unroll, **kw)),
+                   argnums=(0, 1))(h, w)
   grads0 = jax.grad(loss(lambda h, w: _dense(h, w, tgt, **kw)), argnums=(0, 1))(h, w)
   for a, b_ in zip(grads, grads0):
     np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5)
