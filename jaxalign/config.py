@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from jaxalign.errors import ConfigError
+
 
 def base(stage: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -147,7 +149,7 @@ def parse_variant(arg: str | None, path: str, variants: tuple[str, ...] = ()) ->
       variant = n
     else:
       known = ", ".join((*variants, "tiny"))
-      raise ValueError(f"{path}: unknown variant {arg!r} (known: {known}; a variant and tiny combine as "
+      raise ConfigError(f"{path}: unknown variant {arg!r} (known: {known}; a variant and tiny combine as "
                        f"'name,tiny')")
   return variant, size
 

@@ -44,10 +44,9 @@ def log_devices():
 
 def train(config, workdir: str) -> int:
   """Run the configured stage; returns the process exit code (0 also for a clean preemption stop)."""
-  from jaxalign.data.sources import DataError
+  from jaxalign import errors
   from jaxalign.loops import stages
   from jaxalign.loops.driver import CheckpointLayoutError, NonFiniteError, Preempted
-  from jaxalign.paths import PathError
 
   quiet_libraries()
   try:
@@ -60,10 +59,12 @@ def train(config, workdir: str) -> int:
     logging.error("%s", e)
     print(f"error: {e}", flush=True)
     return 3
-  except (PathError, DataError) as e:  # A missing/unreadable path or bad data: one line naming the key.
+  except errors.UserError as e:  # A bad config value, path or data: one line naming the key (errors.py).
+    if errors.verbose():
+      raise
     logging.error("%s", e)
     print(f"error: {e}", flush=True)
-    return 2
+    return errors.EXIT_USER_ERROR
   return 0
 
 

@@ -19,11 +19,13 @@ from typing import Iterator
 
 from etils import epath
 
+from jaxalign.errors import UserError
+
 # Weight files are read in place (ranged reads, `models.hf.SafetensorsDir`), never copied by `local_copy`.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".gguf")
 
 
-class PathError(ValueError):
+class PathError(UserError):
   """A configured path that is missing or unreadable; the message names the config key and the path."""
 
 

@@ -30,4 +30,6 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  from jaxalign import errors
+
+  errors.run_main(app.run, main)

@@ -44,4 +44,6 @@ def main(argv):
 
 if __name__ == "__main__":
   logging.set_verbosity(logging.INFO)
-  app.run(main)
+  from jaxalign import errors
+
+  errors.run_main(app.run, main)

@@ -61,9 +61,10 @@ def process(ds, fmt: str, spec: str, split_name: str, data_cfg, make: Callable[[
   rep = Report(split=split_name, source=spec, format=fmt)
   seen: set[str] = set()
   out = []
+  unit = "line" if str(spec).lower().endswith(".jsonl") else "row"
   for i, raw in enumerate(ds):
     rep.rows_read += 1
-    where = f"{spec} row {i}"
+    where = f"{spec} {unit} {i + 1}"  # 1-based, as editors count lines.
     try:
       row = formats.validate(raw, fmt, where)
     except DataError as e:
@@ -95,6 +96,9 @@ def process(ds, fmt: str, spec: str, split_name: str, data_cfg, make: Callable[[
   rep.kept = len(out)
   if not out:
     raise DataError(f"{spec}: no usable records ({rep})")
+  if rep.truncated == rep.kept:  # Every record cut: the model would never see a whole example.
+    raise DataError(f"{spec}: every one of the {rep.kept} records is longer than train.seq_len and was truncated "
+                    f"(longest {max(rep.lengths)} tokens kept); raise train.seq_len (or data.max_prompt_len)")
   return out, rep
 
 

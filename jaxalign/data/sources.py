@@ -10,11 +10,12 @@ import os
 import datasets
 
 from jaxalign import paths
+from jaxalign.errors import UserError
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
 
-class DataError(ValueError):
+class DataError(UserError):
   """Bad input data; the message names the file and row."""
 
 
@@ -31,10 +32,16 @@ def load_records(spec: str, split: str = "train", config_key: str = "data.train"
     ext = os.path.splitext(local)[1].lower()
     if ext not in _BUILDERS:
       raise DataError(f"{config_key}={spec}: unsupported file type {ext!r} (expected {sorted(_BUILDERS)})")
+    if os.path.getsize(local) == 0:
+      raise DataError(f"{config_key}={spec}: the file is empty (0 bytes); give a file with one record per line")
     try:
-      return datasets.load_dataset(_BUILDERS[ext], data_files=local, split="train")
-    except Exception as e:  # Malformed JSON etc.: name the file.
-      raise DataError(f"{config_key}={spec}: could not be read: {e}") from e
+      ds = datasets.load_dataset(_BUILDERS[ext], data_files=local, split="train")
+    except Exception as e:  # Malformed JSON etc.: name the file and the parser's reason.
+      reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+      raise DataError(f"{config_key}={spec}: could not be read as {_BUILDERS[ext]}: {reason}") from e
+    if len(ds) == 0:
+      raise DataError(f"{config_key}={spec}: the file holds no records")
+    return ds
   if os.path.isdir(local):
     if os.path.exists(os.path.join(local, "dataset_info.json")) or os.path.exists(os.path.join(local, "dataset_dict.json")):
       ds = datasets.load_from_disk(local)

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from jaxalign.data import batching, datasets
+from jaxalign.errors import ConfigError
 from jaxalign.loops import driver, setup
 from jaxalign.loops.reward import pair_iterators, pair_spec
 from jaxalign.losses import preference
@@ -42,7 +43,7 @@ def precompute_reference(model_cfg, ref_params, pairs, mesh, batch_size: int, se
 def build(config, workdir: str, *, mesh=None, abstract: bool = False) -> driver.Parts:
   kto = config.loss.type == "kto"
   if not kto and config.loss.type not in preference.LOSS_TYPES:
-    raise ValueError(f"loss.type={config.loss.type!r}: expected one of {', '.join(preference.LOSS_TYPES)} or kto")
+    raise ConfigError(f"loss.type={config.loss.type!r}: expected one of {', '.join(preference.LOSS_TYPES)} or kto")
   mesh, tok, model_cfg, params, source = setup.prepare(config, workdir, mesh=mesh, abstract=abstract)
   sources = {"model": source}
   frozen, ref, precompute = None, None, False

@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxalign import sharding
 from jaxalign.checkpoint import Checkpointer, abstract_like
+from jaxalign.errors import ConfigError
 from jaxalign.metrics import MetricWriter, Throughput, fetch
 from jaxalign.steps.state import TrainState, checkpoint_items, from_items
 
@@ -150,7 +151,7 @@ def run(parts: Parts, config, workdir: str) -> TrainState:
 def _run(parts: Parts, config, workdir: str) -> TrainState:
   nan_policy = config.train.nan_policy
   if nan_policy not in ("stop", "skip"):
-    raise ValueError(f"train.nan_policy={nan_policy!r}: expected stop | skip")
+    raise ConfigError(f"train.nan_policy={nan_policy!r}: expected stop | skip")
   c = config.checkpoint
   ckpt = Checkpointer(f"{workdir}/checkpoints", keep=c.keep, best_metric=c.best_metric, best_mode=c.best_mode,
                       async_save=c.async_save)

@@ -11,6 +11,7 @@ import numpy as np
 
 from jaxalign import sharding
 from jaxalign.data.prompts import pad_id, stop_ids
+from jaxalign.errors import ConfigError
 from jaxalign.loops import driver, setup
 from jaxalign.loops.ppo import prompt_data, prompt_spec, rollout_settings
 from jaxalign.loops.sampled_eval import SampledEval
@@ -72,7 +73,7 @@ def build(config, workdir: str, *, mesh=None, abstract: bool = False) -> driver.
   sources["model"] = source
   functions = reward_functions.load(config.reward.functions, config.reward.weights)
   if not functions and "reward" not in frozen:
-    raise ValueError("GRPO needs a reward: set reward.init (a reward model) and/or reward.functions")
+    raise ConfigError("GRPO needs a reward: set reward.init (a reward model) and/or reward.functions")
   tx, sched = setup.optimizer(config, params, config.train.steps * g.epochs * g.minibatches)
   state = setup.new_state(params, tx, config.seed, mesh, frozen=frozen, abstract=abstract)
   step = jit_iteration(state, mesh, model_cfg, config, ro, tx, sched, functions, tok)

@@ -12,6 +12,7 @@ import numpy as np
 from jaxalign import sharding
 from jaxalign.data import datasets
 from jaxalign.data.prompts import PromptIterator, pad_id, stop_ids
+from jaxalign.errors import ConfigError
 from jaxalign.loops import driver, setup
 from jaxalign.loops.sampled_eval import SampledEval
 from jaxalign.models import build as build_models
@@ -24,7 +25,7 @@ def rollout_settings(config):
   r = config.rollout
   new = config.train.seq_len - r.prompt_len
   if new < 1:
-    raise ValueError(f"train.seq_len={config.train.seq_len} leaves no room for a response after "
+    raise ConfigError(f"train.seq_len={config.train.seq_len} leaves no room for a response after "
                      f"rollout.prompt_len={r.prompt_len}: train.seq_len is the prompt plus the response")
   return _Rollout(int(r.prompt_len), int(new), float(r.temperature), int(r.top_k), float(r.top_p))
 
@@ -64,7 +65,7 @@ def jit_iteration(state, mesh, model_cfg, config, rollout_cfg, policy_opt, value
 
 def build(config, workdir: str, *, mesh=None, abstract: bool = False) -> driver.Parts:
   if not config.reward.init and not abstract:
-    raise ValueError("PPO needs reward.init: a reward-model run directory or HF sequence-classification model")
+    raise ConfigError("PPO needs reward.init: a reward-model run directory or HF sequence-classification model")
   ro = rollout_settings(config)
   mesh, tok, model_cfg, params, source = setup.prepare(config, workdir, mesh=mesh, abstract=abstract)
   frozen, sources = setup.load_frozen(config, model_cfg, mesh, reference=True, reward=True, abstract=abstract)

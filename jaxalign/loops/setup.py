@@ -4,6 +4,7 @@ their shapes only, for a compile plan), frozen models, the run record and the HF
 from __future__ import annotations
 
 import functools
+import os
 import logging
 import time
 
@@ -14,6 +15,7 @@ from jax.sharding import NamedSharding
 
 from jaxalign import checkpoint, paths, sharding
 from jaxalign.data import examples
+from jaxalign.errors import ConfigError
 from jaxalign.models import build, heads, hf, lora, transformer
 from jaxalign.models.config import ModelConfig, preset
 from jaxalign.optim import make_optimizer
@@ -42,12 +44,15 @@ def load_tokenizer(config):
 
   path = tokenizer_path(config.model.init, config.model.tokenizer)
   if not path:
-    raise ValueError("model.tokenizer is empty and model.init is empty: a from-scratch model still needs a "
+    raise ConfigError("model.tokenizer is empty and model.init is empty: a from-scratch model still needs a "
                      "tokenizer directory (model.tokenizer)")
+  key = "model.tokenizer" if config.model.tokenizer else "model.init"  # The key the path came from.
   try:
     tok = transformers.AutoTokenizer.from_pretrained(paths.local_copy(path, skip_weights=True))
   except Exception as e:
-    raise ValueError(f"model.tokenizer={path}: could not load a Hugging Face tokenizer: {e}") from e
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise ConfigError(f"{key}={path}: could not load a Hugging Face tokenizer from it ({reason}); "
+                      "point model.tokenizer at a directory holding tokenizer files") from e
   examples.set_chat_template(tok, config.data.chat_template)
   if tok.pad_token_id is None:
     tok.pad_token = tok.eos_token
@@ -56,7 +61,7 @@ def load_tokenizer(config):
 
 def check_vocab(model_cfg: ModelConfig, tokenizer, where: str):
   if len(tokenizer) > model_cfg.vocab_size:
-    raise ValueError(f"{where}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+    raise ConfigError(f"{where}: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                      f"{model_cfg.vocab_size}; use the model's own tokenizer (model.tokenizer)")
 
 
@@ -158,14 +163,14 @@ def make_mesh(config):
   mesh = sharding.mesh_from_config(config.mesh)
   dp = sharding.data_parallel_size(mesh)
   if config.train.batch_size % dp:
-    raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by the data-parallel size "
+    raise ConfigError(f"train.batch_size={config.train.batch_size} is not divisible by the data-parallel size "
                      f"mesh.data x mesh.fsdp = {dp}")
   accum = config.train.get("grad_accum", 1)  # Offline stages only.
   if (config.train.batch_size // dp) % max(1, accum) and config.train.batch_size % accum:
-    raise ValueError(f"train.batch_size={config.train.batch_size} is not divisible by train.grad_accum={accum}")
+    raise ConfigError(f"train.batch_size={config.train.batch_size} is not divisible by train.grad_accum={accum}")
   eval_rows = config.eval.get("batch_size", config.train.batch_size)
   if eval_rows % dp:
-    raise ValueError(f"eval.batch_size={eval_rows} is not divisible by the data-parallel size {dp}")
+    raise ConfigError(f"eval.batch_size={eval_rows} is not divisible by the data-parallel size {dp}")
   logging.info("%s", sharding.describe(mesh))
   return mesh
 
@@ -177,13 +182,21 @@ INPUT_KEYS = ("model.init", "model.tokenizer", "data.train", "data.eval", "refer
 
 
 def check_inputs(config):
-  """Every configured bucket path (gs://, s3://) exists and is readable, before anything loads or compiles: one
-  PathError naming the key and the path otherwise. Local paths keep their own checks where they are read."""
+  """Every configured input path exists and is readable, before anything loads or compiles: one PathError
+  naming the key and the path otherwise. Bucket paths (gs://, s3://) and local paths are checked; a bare
+  `name` or `org/name` that is not a local path may be a Hugging Face hub id, left to its loader."""
   for key in INPUT_KEYS:
     group, name = key.split(".")
     value = config[group].get(name, "") if group in config else ""
-    if value and paths.is_remote(value):
+    if value and (paths.is_remote(value) or _local_looking(value)):
       paths.check(value, key)
+
+
+def _local_looking(value: str) -> bool:
+  """A path that cannot be a hub id: absolute, ./ or ../, two or more slashes, or a data file suffix."""
+  v = str(value)
+  return (v.startswith(("/", "./", "../")) or v.count("/") >= 2 or os.path.exists(v)
+          or v.endswith((".jsonl", ".json", ".parquet", ".arrow", ".csv")))
 
 
 def prepare(config, workdir: str, *, with_head: bool = False, mesh=None, abstract: bool = False):
@@ -268,11 +281,11 @@ def load_frozen(config, model_cfg, mesh, *, reference: bool, reward: bool, abstr
   elif reference:
     init = config.reference.init or config.model.init
     if not init:
-      raise ValueError(f"{config.stage} needs a reference: set model.init to an SFT run or HF checkpoint (or "
+      raise ConfigError(f"{config.stage} needs a reference: set model.init to an SFT run or HF checkpoint (or "
                        "reference.init)")
     ref_cfg = resolve_model_config(init, config.model).replace(lora_rank=0)
     if ref_cfg != base_cfg:
-      raise ValueError(f"reference.init={init}: architecture differs from the policy's ({model_cfg.family}, "
+      raise ConfigError(f"reference.init={init}: architecture differs from the policy's ({model_cfg.family}, "
                        f"{model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}); the reference must be the "
                        "same model")
     p, sources["reference"] = load_model(init, base_cfg, mesh, jax.random.PRNGKey(0), key="reference.init",
@@ -284,7 +297,7 @@ def load_frozen(config, model_cfg, mesh, *, reference: bool, reward: bool, abstr
     rm_cfg = resolve_model_config(config.reward.init, config.model)
     if (rm_cfg.vocab_size, rm_cfg.hidden_size, rm_cfg.num_layers) != (model_cfg.vocab_size, model_cfg.hidden_size,
                                                                         model_cfg.num_layers):
-      raise ValueError(f"reward.init={config.reward.init}: its architecture (vocab {rm_cfg.vocab_size}, hidden "
+      raise ConfigError(f"reward.init={config.reward.init}: its architecture (vocab {rm_cfg.vocab_size}, hidden "
                        f"{rm_cfg.hidden_size}, {rm_cfg.num_layers} layers) does not match the policy's; the reward "
                        "model must share the policy's tokenizer and, in this version, its architecture")
     frozen["reward"], sources["reward"] = load_model(config.reward.init, base_cfg, mesh, jax.random.PRNGKey(0),

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from jaxalign.errors import ConfigError
 from jaxalign.loops import driver, dpo, evaluate, grpo, ppo, reward, sft
 
 STAGES = {"sft": sft, "reward": reward, "dpo": dpo, "ppo": ppo, "grpo": grpo, "evaluate": evaluate}
@@ -13,7 +14,7 @@ STAGES = {"sft": sft, "reward": reward, "dpo": dpo, "ppo": ppo, "grpo": grpo, "e
 
 def module(config):
   if config.stage not in STAGES:
-    raise ValueError(f"stage={config.stage!r}: expected one of {', '.join(STAGES)}")
+    raise ConfigError(f"stage={config.stage!r}: expected one of {', '.join(STAGES)}")
   return STAGES[config.stage]
 
 

@@ -69,7 +69,7 @@ def test_errors_name_file_and_row(tmp_path, tok):
       {"prompt": "a", "completion": "b"}, {"prompt": "a", "completion": 3}])
   cfg = load_config("sft", data__train=path)
   make = lambda r, w: examples.sft_example(tok, r, "prompt_completion", w, completion_only=True, add_eos=True)  # noqa
-  with pytest.raises(DataError, match=r"bad.jsonl row 1: field 'completion' must be a string"):
+  with pytest.raises(DataError, match=r"bad.jsonl line 2: field 'completion' must be a string"):
     datasets.train_eval(cfg.data, make, length=len, truncated=lambda e: False, seed=0)
   with cfg.unlocked():
     cfg.data.bad_rows = "skip"

@@ -1,0 +1,96 @@
+"""A user's mistake is one line naming the key (file, 1-based line) and the fix, exit code 2, no traceback;
+`--verbose` brings the traceback back. One test per message issue 21 observed."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxalign import errors
+from jaxalign.data import datasets, examples, sources
+from jaxalign.data.sources import DataError
+from jaxalign.loops import setup
+from jaxalign.paths import PathError
+from tests import fixtures
+from tests.conftest import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train(*args, timeout=180):
+  return subprocess.run([sys.executable, "launch/train.py", "--config=configs/sft.py:tiny", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def test_typo_in_a_config_key_is_one_line_with_the_fix():
+  out = _train("--workdir=/tmp/unused", "--config.train.stepz=3")
+  assert out.returncode == errors.EXIT_USER_ERROR
+  assert "Traceback" not in out.stderr + out.stdout
+  assert out.stderr.strip().splitlines()[-1] == (
+      "error: --config.train.stepz: configs/sft.py:tiny has no key train.stepz (did you mean train.steps?)")
+  group = _train("--workdir=/tmp/unused", "--config.trainn.steps=3")
+  assert "has no key trainn.steps (did you mean train.steps?)" in group.stderr
+
+
+def test_verbose_shows_the_traceback():
+  out = _train("--workdir=/tmp/unused", "--config.train.stepz=3", "--verbose")
+  assert out.returncode not in (0, errors.EXIT_USER_ERROR)
+  assert "Traceback" in out.stderr and "stepz" in out.stderr
+
+
+def test_missing_model_init_names_model_init_before_anything_loads(tmp_path):
+  missing = str(tmp_path / "no_such_model")
+  out = _train(f"--workdir={tmp_path / 'run'}", f"--config.model.init={missing}")
+  assert out.returncode == errors.EXIT_USER_ERROR, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr + out.stdout
+  assert f"error: model.init={missing}: not found (no such file or directory)" in out.stdout
+  assert "Repo id" not in out.stdout + out.stderr
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+
+
+def test_local_paths_are_checked_but_hub_ids_are_left_to_their_loaders(tmp_path):
+  cfg = load_config("sft", data__train=str(tmp_path / "nope.jsonl"))
+  with pytest.raises(PathError, match=r"data.train=.*nope.jsonl: not found"):
+    setup.check_inputs(cfg)
+  cfg = load_config("sft", data__train="org/some-dataset", model__init="org/some-model")
+  setup.check_inputs(cfg)  # Could be hub ids: not refused here.
+
+
+def test_a_tokenizer_from_model_init_names_model_init(tmp_path):
+  (tmp_path / "m").mkdir()
+  cfg = load_config("sft", model__init=str(tmp_path / "m"))
+  with pytest.raises(errors.ConfigError, match=r"^model.init=.*/m: could not load a Hugging Face tokenizer"):
+    setup.load_tokenizer(cfg)
+
+
+def test_empty_data_file_says_so(tmp_path):
+  path = tmp_path / "empty.jsonl"
+  path.write_text("")
+  with pytest.raises(DataError, match=r"data.train=.*empty.jsonl: the file is empty \(0 bytes\)"):
+    sources.load_records(str(path))
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"prompt": "a", "completion": "b"}\n{not json\n')
+  with pytest.raises(DataError, match=r"bad.jsonl: could not be read as json: \S"):
+    sources.load_records(str(bad))
+
+
+def test_every_record_truncated_is_an_error_not_a_silent_run(tmp_path):
+  tok = fixtures.make_tokenizer(str(tmp_path / "tok"))
+  path = fixtures.write_jsonl(str(tmp_path / "long.jsonl"), fixtures.prompt_completion_rows(20))
+  cfg = load_config("sft", data__train=path, data__eval_fraction=0.0)
+
+  def make(r, w):
+    return examples.sft_example(tok, r, "prompt_completion", w, completion_only=True, add_eos=True)
+
+  with pytest.raises(DataError, match=r"every one of the 20 records is longer than train.seq_len"):
+    datasets.train_eval(cfg.data, make, length=len, truncated=lambda e: True, seed=0)
+
+
+def test_config_errors_are_user_errors_and_value_errors():
+  assert issubclass(errors.ConfigError, ValueError) and issubclass(DataError, errors.UserError)
+  assert issubclass(PathError, errors.UserError)
+  cfg = load_config("dpo", loss__type="nope")
+  from jaxalign.loops import dpo
+  with pytest.raises(errors.ConfigError, match="kto"):
+    dpo.build(cfg, "/tmp/unused")
