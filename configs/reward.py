@@ -1,28 +1,4 @@
-"""Reward model (Bradley-Terry) from an SFT run.
+"""`configs/reward.py`: the reward config, installed with the package as `jaxalign.configs.reward` (read it there)."""
 
-  python launch/train.py --config=configs/reward.py --workdir=runs/rm \
-      --config.model.init=runs/sft --config.data.train=prefs.jsonl
-
-Data: prompt/chosen/rejected (plain or conversational, prompt optional), optional margin; or ranked/rated
-responses (prompt, responses, ranking|ratings) expanded into all pairs.
-"""
-
-import ml_collections
-
-from jaxalign.config import base, lock, offline, parse_variant, tiny
-
-
-def get_config(arg: str | None = None):
-  _, size = parse_variant(arg, "configs/reward.py")
-  c = offline(base("reward"))
-  c.optimizer.learning_rate = 1e-5
-  c.optimizer.warmup_steps = 10
-  c.checkpoint.best_metric = "eval/accuracy"
-  c.checkpoint.best_mode = "max"
-  c.loss = ml_collections.ConfigDict()
-  c.loss.center_coef = 0.0  # Adds coef * (r_c + r_r)^2 (keeps rewards centred; 0.01 is usual).
-  c.loss.use_margin = True  # Subtract the per-pair `margin` field when present.
-  if size:
-    tiny(c)
-    c.train.steps = 30
-  return lock(c)
+from jaxalign.configs.reward import *  # noqa: F401,F403
+from jaxalign.configs.reward import get_config  # noqa: F401

@@ -16,7 +16,8 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from jaxalign import configs
+
 GOLD, FLUENT = "reward/gold_reward_fn", "reward/fluency_fn"
 
 
@@ -36,11 +37,11 @@ def run_stage(name: str, config_file: str, workdir: str, overrides, extra: dict)
   if os.path.exists(done):
     print(f"[pipeline] {name}: done already ({workdir})", flush=True)
     return 0.0
-  cmd = [sys.executable, os.path.join(ROOT, "launch", "train.py"), f"--config={config_file}",
+  cmd = [sys.executable, "-m", "jaxalign.cli", "train", f"--config={config_file}",
          f"--workdir={workdir}"] + _flags(overrides) + [f"--config.{k}={v}" for k, v in extra.items()]
   print(f"[pipeline] {name}: {' '.join(cmd[1:])}", flush=True)
   t = time.time()
-  proc = subprocess.run(cmd, cwd=ROOT)
+  proc = subprocess.run(cmd)
   if proc.returncode != 0:
     raise SystemExit(f"[pipeline] stage {name} failed (exit {proc.returncode}); fix and rerun the same command "
                      "to resume")
@@ -62,6 +63,8 @@ def run(config, workdir: str) -> dict:
   """Run the whole pipeline; returns the summary table (also written to report.md)."""
   from jaxalign.data.tasks import reviews
 
+  workdir = os.path.abspath(workdir)  # Each stage runs in its own process, from any directory.
+
   os.makedirs(workdir, exist_ok=True)
   data = os.path.join(workdir, "data")
   t0 = time.time()
@@ -70,7 +73,7 @@ def run(config, workdir: str) -> dict:
   p = {k: os.path.join(data, f"{k}.jsonl") for k in ("sft_train", "sft_eval", "pref_train", "pref_eval",
                                                       "prompts_train", "prompts_eval")}
   d = lambda s: os.path.join(workdir, s)  # noqa: E731
-  cfg = lambda s: os.path.join(ROOT, "configs", f"{s}.py")  # noqa: E731
+  cfg = configs.path  # The installed stage configs (jaxalign/configs/).
   times = {}
   times["sft"] = run_stage("sft", cfg("sft"), d("sft"), config.sft, {
       "model.tokenizer": os.path.join(data, "tokenizer"), "data.train": p["sft_train"], "data.eval": p["sft_eval"]})

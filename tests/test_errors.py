@@ -2,6 +2,7 @@
 `--verbose` brings the traceback back. One test per message issue 21 observed."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -94,3 +95,23 @@ def test_config_errors_are_user_errors_and_value_errors():
   from jaxalign.loops import dpo
   with pytest.raises(errors.ConfigError, match="kto"):
     dpo.build(cfg, "/tmp/unused")
+
+
+def test_console_command_runs_outside_the_checkout(tmp_path):
+  """`jaxalign train --config=<stage name>` finds the installed config from any directory (no configs/ there)."""
+  exe = shutil.which("jaxalign")
+  assert exe, "the package installs a `jaxalign` console script (pip install -e .)"
+  out = subprocess.run([exe, "train", "--config=sft:tiny", f"--workdir={tmp_path / 'dry'}", "--dry_run"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "train_step: peak" in out.stdout and (tmp_path / "dry" / "plan.json").exists()
+  bad = subprocess.run([exe, "trian"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+  assert bad.returncode == errors.EXIT_USER_ERROR and "unknown command 'trian'" in bad.stderr
+
+
+def test_configs_are_importable():
+  from jaxalign import configs
+  from jaxalign.configs import dpo
+  assert dpo.get_config("tiny").loss.type == "sigmoid"
+  assert configs.path("dpo:tiny").endswith(os.path.join("jaxalign", "configs", "dpo.py:tiny"))
+  assert configs.path("my/own.py") == "my/own.py"

@@ -1,0 +1,43 @@
+"""GRPO and its relatives (RLOO, Dr. GRPO, DAPO, GSPO) from an SFT run; no value model.
+
+  python launch/train.py --config=configs/grpo.py --workdir=runs/grpo --config.model.init=runs/sft \
+      --config.data.train=prompts.jsonl --config.reward.functions="('mypkg.rewards:exact_match',)"
+
+Variants: grpo (default), rloo, dr_grpo, dapo, gspo, tiny.
+"""
+
+import ml_collections
+
+from jaxalign.config import base, lock, online, parse_variant, tiny
+
+
+def get_config(arg: str | None = None):
+  variant, size = parse_variant(arg, "configs/grpo.py", ("grpo", "rloo", "dr_grpo", "dapo", "gspo"))
+  c = online(base("grpo"))
+  c.optimizer.learning_rate = 1e-6
+  c.optimizer.schedule = "constant"
+  del c.eval["batch_size"]  # In-training evals sample train.batch_size prompts at a time.
+  c.grpo = ml_collections.ConfigDict()
+  c.grpo.group_size = 8  # Samples per prompt (G).
+  c.grpo.estimator = "grpo"  # grpo (group mean baseline) | rloo (leave-one-out).
+  c.grpo.scale = "group"  # group | batch | none: divide advantages by this std.
+  c.grpo.loss_norm = "sequence"  # sequence (GRPO) | token | constant (Dr. GRPO) | global_token (DAPO).
+  c.grpo.clip_low = 0.2
+  c.grpo.clip_high = 0.2  # > clip_low: DAPO clip-higher.
+  c.grpo.importance = "token"  # token | sequence (GSPO).
+  c.grpo.kl_coef = 0.04  # k3 KL to the reference in the loss; 0 = no reference held.
+  c.grpo.epochs = 1
+  c.grpo.minibatches = 1
+  if variant == "rloo":
+    c.grpo.estimator, c.grpo.scale, c.grpo.loss_norm = "rloo", "none", "token"
+  elif variant == "dr_grpo":
+    c.grpo.scale, c.grpo.loss_norm = "none", "constant"
+  elif variant == "dapo":
+    c.grpo.clip_high, c.grpo.loss_norm, c.grpo.kl_coef = 0.28, "global_token", 0.0
+  elif variant == "gspo":
+    c.grpo.importance, c.grpo.clip_low, c.grpo.clip_high = "sequence", 3e-4, 4e-4
+  if size:
+    tiny(c)
+    c.train.batch_size = 8
+    c.grpo.group_size = 4
+  return lock(c)
