@@ -32,9 +32,16 @@ def dpo_sigmoid(pc, pr, rc, rr, beta: float, label_smoothing: float = 0.0):
   return -(1 - label_smoothing) * jax.nn.log_sigmoid(beta * h) - label_smoothing * jax.nn.log_sigmoid(-beta * h)
 
 
-def ipo(pc, pr, rc, rr, beta: float):
-  """IPO (Azar et al. 2023): (h - 1/(2 beta))^2 with h the log-ratio difference (beta plays tau)."""
-  h = (pc - pr) - (rc - rr)
+def ipo(pc, pr, rc, rr, beta: float, n_chosen=None, n_rejected=None):
+  """IPO (Azar et al. 2023): (h - 1/(2 beta))^2 with h the log-ratio difference (beta plays tau).
+
+  With the completions' token counts, each log-ratio is a per-token average, TRL's convention (confirmed by
+  the IPO authors as the form behind the paper's results: the squared loss no longer grows with length);
+  without them, summed sequence log-probs as the paper writes it (`loss.ipo_average=False`)."""
+  if n_chosen is not None:
+    h = (pc - rc) / jnp.maximum(n_chosen, 1.0) - (pr - rr) / jnp.maximum(n_rejected, 1.0)
+  else:
+    h = (pc - pr) - (rc - rr)
   return (h - 1.0 / (2.0 * beta)) ** 2
 
 
@@ -51,10 +58,12 @@ def robust_dpo(pc, pr, rc, rr, beta: float, label_smoothing: float):
   return ((1 - eps) * -jax.nn.log_sigmoid(beta * h) - eps * -jax.nn.log_sigmoid(-beta * h)) / (1 - 2 * eps)
 
 
-def simpo(pc_mean, pr_mean, beta: float, gamma: float):
+def simpo(pc_mean, pr_mean, beta: float, gamma: float, label_smoothing: float = 0.0):
   """SimPO (Meng et al. 2024), reference-free: -log sigmoid(beta (avg_c - avg_r) - gamma),
-  with avg_* the length-normalised log-probs."""
-  return -jax.nn.log_sigmoid(beta * (pc_mean - pr_mean) - gamma)
+  with avg_* the length-normalised log-probs; label smoothing eps as TRL's CPOTrainer applies it (the labels
+  flipped with probability eps, as cDPO)."""
+  z = beta * (pc_mean - pr_mean) - gamma
+  return -(1 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
 
 
 def log1mexp(x):
@@ -81,18 +90,20 @@ def kto(policy_logps, ref_logps, desirable, kl_ref, beta: float, w_desirable: fl
 
 
 def preference_loss(loss_type: str, *, pc, pr, rc, rr, pc_mean, pr_mean, nll_chosen, beta: float,
-                    label_smoothing: float = 0.0, simpo_gamma: float = 0.5, orpo_lambda: float = 0.1):
-  """Dispatch by name; returns per-pair losses [B] and the implicit rewards (chosen, rejected)."""
+                    label_smoothing: float = 0.0, simpo_gamma: float = 0.5, orpo_lambda: float = 0.1,
+                    n_chosen=None, n_rejected=None):
+  """Dispatch by name; returns per-pair losses [B] and the implicit rewards (chosen, rejected).
+  `n_chosen`/`n_rejected`: completion token counts, given for IPO's per-token average (see `ipo`)."""
   if loss_type == "sigmoid":
     loss = dpo_sigmoid(pc, pr, rc, rr, beta, label_smoothing)
   elif loss_type == "ipo":
-    loss = ipo(pc, pr, rc, rr, beta)
+    loss = ipo(pc, pr, rc, rr, beta, n_chosen, n_rejected)
   elif loss_type == "hinge":
     loss = hinge(pc, pr, rc, rr, beta)
   elif loss_type == "robust":
     loss = robust_dpo(pc, pr, rc, rr, beta, label_smoothing)
   elif loss_type == "simpo":
-    loss = simpo(pc_mean, pr_mean, beta, simpo_gamma)
+    loss = simpo(pc_mean, pr_mean, beta, simpo_gamma, label_smoothing)
     return loss, beta * pc_mean, beta * pr_mean
   elif loss_type == "orpo":
     loss, _ = orpo(pc_mean, pr_mean, nll_chosen, orpo_lambda)

@@ -53,10 +53,15 @@ def dpo_loss(params, batch, frozen, *, model_cfg, loss_cfg):
   else:
     ref = reference_logps(model_cfg, frozen, batch, params["model"], after=lp)
   valid = batch["valid"]
+  # ORPO's NLL as TRL computes it: one token mean over the batch's chosen completions (each pair's summed NLL
+  # over the batch's chosen-token count, times the pair count the caller divides by).
+  nll_chosen = -lp[:, 0] * jnp.sum(valid) / jnp.maximum(jnp.sum(n[:, 0] * valid), 1.0)
+  average = loss_cfg.type == "ipo" and loss_cfg.get("ipo_average", True)
   losses, rew_c, rew_r = preference.preference_loss(
       loss_cfg.type, pc=lp[:, 0], pr=lp[:, 1], rc=ref[:, 0], rr=ref[:, 1], pc_mean=mean[:, 0], pr_mean=mean[:, 1],
-      nll_chosen=-mean[:, 0], beta=loss_cfg.beta, label_smoothing=loss_cfg.label_smoothing,
-      simpo_gamma=loss_cfg.simpo_gamma, orpo_lambda=loss_cfg.orpo_lambda)
+      nll_chosen=nll_chosen, beta=loss_cfg.beta, label_smoothing=loss_cfg.label_smoothing,
+      simpo_gamma=loss_cfg.simpo_gamma, orpo_lambda=loss_cfg.orpo_lambda,
+      n_chosen=n[:, 0] if average else None, n_rejected=n[:, 1] if average else None)
   s = lambda x: jnp.sum(x * valid)  # noqa: E731
   sums = {"rewards/chosen": s(rew_c), "rewards/rejected": s(rew_r), "rewards/margins": s(rew_c - rew_r),
           "rewards/accuracies": s((rew_c > rew_r).astype(jnp.float32)), "logps/chosen": s(lp[:, 0]),

@@ -94,3 +94,51 @@ def test_unknown_loss_type():
   z = jnp.zeros(2)
   with pytest.raises(ValueError, match="loss.type='dpoo'"):
     P.preference_loss("dpoo", pc=z, pr=z, rc=z, rr=z, pc_mean=z, pr_mean=z, nll_chosen=z, beta=0.1)
+
+
+def _tiny_pairs():
+  from jaxalign.data import batching
+  from jaxalign.data.examples import Example, PairExample
+  prompt = np.arange(1, 7, dtype=np.int32)
+  ans = lambda ids: Example(np.r_[prompt, ids].astype(np.int32), np.arange(6 + len(ids)) >= 6)  # noqa: E731
+  pairs = [PairExample(ans([20, 21, 22, 23]), ans([30])), PairExample(ans([40, 41]), ans([50, 51, 52, 53, 54])),
+           PairExample(ans([60]), ans([70, 71]))]
+  return batching.pair_batch(pairs + [None], length=16)  # One padding pair (valid 0).
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "simpo", "orpo"])
+def test_dpo_step_losses_follow_trl_conventions(loss_type):
+  """IPO on per-token average log-ratios (TRL DPOTrainer), SimPO with label smoothing (TRL CPOTrainer), ORPO's
+  NLL a token mean over the batch's chosen completions (TRL ORPOTrainer): the step's loss equals TRL's formula
+  evaluated on the same log-probs."""
+  import ml_collections
+
+  from jaxalign.models import transformer
+  from jaxalign.models.config import preset
+  from jaxalign.steps import dpo
+
+  cfg = preset("tiny")
+  params = {"model": transformer.init_params(cfg, jax.random.key(0))}
+  ref = transformer.init_params(cfg, jax.random.key(1))
+  batch = _tiny_pairs()
+  loss_cfg = ml_collections.ConfigDict(dict(type=loss_type, beta=0.3, label_smoothing=0.1, simpo_gamma=0.5,
+                                            orpo_lambda=0.2, ipo_average=True))
+  total, (count, _) = dpo.dpo_loss(params, batch, {"reference": ref}, model_cfg=cfg, loss_cfg=loss_cfg)
+  got = float(total / count)
+  lp, n = (np.asarray(x, np.float64) for x in dpo.response_logps(cfg, params["model"], batch))
+  rl, _ = (np.asarray(x, np.float64) for x in dpo.response_logps(cfg, ref, batch))
+  v = np.asarray(batch["valid"]) > 0
+  lp, n, rl = lp[v], n[v], rl[v]
+  b, eps = 0.3, 0.1
+  logsig = lambda x: -np.logaddexp(0.0, -x)  # noqa: E731
+  if loss_type == "ipo":
+    delta = (lp[:, 0] - rl[:, 0]) / n[:, 0] - (lp[:, 1] - rl[:, 1]) / n[:, 1]
+    want = np.mean((delta - 1 / (2 * b)) ** 2)
+  elif loss_type == "simpo":
+    logits = (lp[:, 0] / n[:, 0] - lp[:, 1] / n[:, 1]) - 0.5 / b
+    want = np.mean(-logsig(b * logits) * (1 - eps) - logsig(-b * logits) * eps)
+  else:
+    mc, mr = lp[:, 0] / n[:, 0], lp[:, 1] / n[:, 1]
+    log_odds = (mc - np.log1p(-np.exp(mc))) - (mr - np.log1p(-np.exp(mr)))
+    want = -lp[:, 0].sum() / n[:, 0].sum() - np.mean(0.2 * logsig(log_odds))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
