@@ -21,6 +21,8 @@ def get_config(arg: str | None = None):
   c.grpo.group_size = 8  # Samples per prompt (G).
   c.grpo.estimator = "grpo"  # grpo (group mean baseline) | rloo (leave-one-out).
   c.grpo.scale = "group"  # group | batch | none: divide advantages by this std.
+  c.grpo.std_ddof = 1  # The std of `scale`: 1 = sample std, as TRL (torch.std); 0 = population std.
+  c.grpo.std_eps = 1e-4  # Added to that std (TRL's 1e-4).
   c.grpo.loss_norm = "sequence"  # sequence (GRPO) | token | constant (Dr. GRPO) | global_token (DAPO).
   c.grpo.clip_low = 0.2
   c.grpo.clip_high = 0.2  # > clip_low: DAPO clip-higher.

@@ -97,11 +97,15 @@ def gspo_ratio(logp, old_logp, mask):
   return jnp.exp(jax.lax.stop_gradient(seq) + logp - jax.lax.stop_gradient(logp))
 
 
-def group_advantages(rewards, group_size: int, estimator: str = "grpo", scale: str = "group", eps: float = 1e-6):
+def group_advantages(rewards, group_size: int, estimator: str = "grpo", scale: str = "group", eps: float = 1e-4,
+                     ddof: int = 1):
   """Sequence advantages from G samples per prompt (rows grouped consecutively).
 
   grpo: r - mean(group) (Shao et al. 2024); rloo: r - mean(others) (Ahmadian et al. 2024).
   scale: divide by the group std ('group', GRPO), the batch std ('batch'), or not ('none', Dr. GRPO).
+  The std is TRL's GRPOTrainer's by default: the sample std (ddof=1, torch's default) plus eps 1e-4;
+  `ddof=0, eps=1e-6` gives the population form (`grpo.std_ddof`, `grpo.std_eps`). With one sample the
+  population std is used (a sample std of one value is undefined).
   """
   r = rewards.reshape(-1, group_size)
   mean = r.mean(-1, keepdims=True)
@@ -114,9 +118,9 @@ def group_advantages(rewards, group_size: int, estimator: str = "grpo", scale: s
   else:
     raise ValueError(f"grpo.estimator={estimator!r}: expected grpo | rloo")
   if scale == "group":
-    adv = adv / (r.std(-1, keepdims=True) + eps)
+    adv = adv / (r.std(-1, keepdims=True, ddof=ddof if group_size > 1 else 0) + eps)
   elif scale == "batch":
-    adv = adv / (rewards.std() + eps)
+    adv = adv / (rewards.std(ddof=ddof if rewards.size > 1 else 0) + eps)
   elif scale != "none":
     raise ValueError(f"grpo.scale={scale!r}: expected group | batch | none")
   return adv.reshape(-1)

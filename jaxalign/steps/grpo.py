@@ -84,7 +84,8 @@ def grpo_update(state: TrainState, rollout: Rollout, fn_values_BF, *, cfg, grpo_
   has_model = "reward" in (state.frozen or {})
   rewards_B = total_rewards(rollout, fn_values_BF, np.asarray(fn_weights, np.float32).reshape(-1), model_weight,
                             has_model)
-  adv_B = rl.group_advantages(rewards_B, grpo_cfg.group_size, grpo_cfg.estimator, grpo_cfg.scale)
+  adv_B = rl.group_advantages(rewards_B, grpo_cfg.group_size, grpo_cfg.estimator, grpo_cfg.scale,
+                              eps=grpo_cfg.get("std_eps", 1e-4), ddof=grpo_cfg.get("std_ddof", 1))
   n_rows, max_len = rollout.mask_BN.shape
   m, g = grpo_cfg.minibatches, grpo_cfg.group_size
   data = {"tokens": rollout.tokens_BS, "positions": rollout.positions_BS, "segment_ids": rollout.segment_ids_BS,

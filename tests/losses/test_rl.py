@@ -64,8 +64,14 @@ def test_token_rewards_put_score_on_last_token():
 def test_group_advantages():
   r = np.array([1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 1.0, 5.0])
   g = r.reshape(2, 4)
-  grpo = ((g - g.mean(1, keepdims=True)) / (g.std(1, keepdims=True) + 1e-6)).reshape(-1)
-  np.testing.assert_allclose(rl.group_advantages(jnp.asarray(r), 4, "grpo", "group"), grpo, atol=1e-5)
+  # TRL GRPOTrainer: (r - mean) / (torch.std(group) + 1e-4), torch.std being the sample std (ddof=1).
+  trl = ((g - g.mean(1, keepdims=True)) / (g.std(1, ddof=1, keepdims=True) + 1e-4)).reshape(-1)
+  np.testing.assert_allclose(rl.group_advantages(jnp.asarray(r), 4, "grpo", "group"), trl, atol=1e-5)
+  pop = ((g - g.mean(1, keepdims=True)) / (g.std(1, keepdims=True) + 1e-6)).reshape(-1)
+  np.testing.assert_allclose(rl.group_advantages(jnp.asarray(r), 4, "grpo", "group", eps=1e-6, ddof=0), pop,
+                             atol=1e-5)
+  batch = (g - g.mean(1, keepdims=True)).reshape(-1) / (r.std(ddof=1) + 1e-4)
+  np.testing.assert_allclose(rl.group_advantages(jnp.asarray(r), 4, "grpo", "batch"), batch, atol=1e-5)
   loo = np.array([[x - np.delete(row, i).mean() for i, x in enumerate(row)] for row in g]).reshape(-1)
   np.testing.assert_allclose(rl.group_advantages(jnp.asarray(r), 4, "rloo", "none"), loo, atol=1e-5)
   np.testing.assert_allclose(rl.group_advantages(jnp.asarray(r), 4, "grpo", "none"),
