@@ -59,6 +59,7 @@ class MetricWriter:
 
   def __init__(self, workdir: str, stage: str, tensorboard: bool = True):
     self.stage = stage
+    self._workdir = workdir
     self.active = jax.process_index() == 0
     self._f = None
     self._tb = None
@@ -89,6 +90,29 @@ class MetricWriter:
       shown = " ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k not in ("stage", "split", "step"))
       logging.info("[%s %s] step %d %s", self.stage, split, step, shown)
 
+  def resume_at(self, step: int):
+    """Drop this stage's rows of steps after `step`: a run resumed from the checkpoint at `step` replays
+    them, and metrics.jsonl must hold each step once (rows of other stages sharing the file are kept)."""
+    if not self.active:
+      return
+    path = paths.join(self._workdir, "metrics.jsonl")
+    text = self._f._buf.getvalue() if isinstance(self._f, RemoteLines) else paths.read_text(path)
+    lines = text.splitlines(keepends=True)
+    kept = [ln for ln in lines if not _replayed(ln, self.stage, step)]
+    if len(kept) == len(lines):
+      return
+    logging.info("metrics.jsonl: dropped %d rows after step %d (replayed by the resumed run)",
+                 len(lines) - len(kept), step)
+    if isinstance(self._f, RemoteLines):
+      self._f._buf = io.StringIO("".join(kept))
+      self._f._buf.seek(0, io.SEEK_END)
+      self._f._dirty = True
+      self._f.flush()
+    else:
+      self._f.close()
+      paths.write_text(path, "".join(kept))
+      self._f = open(path, "a")
+
   def flush(self):
     """Make every row written so far durable (a bucket workdir's metrics.jsonl is uploaded)."""
     if self._f:
@@ -99,6 +123,14 @@ class MetricWriter:
       self._f.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _replayed(line: str, stage: str, step: int) -> bool:
+  try:
+    row = json.loads(line)
+  except ValueError:  # A line cut by a hard kill: drop it too.
+    return True
+  return row.get("stage") == stage and int(row.get("step", 0)) > step
 
 
 def _fmt(v) -> str:

@@ -19,6 +19,7 @@ import numpy as np
 from jaxalign import configs
 
 GOLD, FLUENT = "reward/gold_reward_fn", "reward/fluency_fn"
+COLORS = {"sft": "tab:gray", "dpo": "tab:blue", "ppo": "tab:orange", "grpo": "tab:green"}  # One per method.
 
 
 def _flags(group, prefix="--config.") -> list[str]:
@@ -101,23 +102,27 @@ def _eval(workdir: str, pol: str) -> dict:
     return json.load(f)["metrics"]
 
 
-def _gold_win_rate(workdir: str, pol: str) -> float:
-  """Win rate against SFT with the gold reward as judge (same prompts, same order)."""
+def _gold_win_rate(workdir: str, pol: str) -> tuple[float, float]:
+  """Win rate against SFT with the gold reward as judge (same prompts, same order), and its standard error."""
   def load(name):
     with open(os.path.join(workdir, f"eval_{name}", "samples.jsonl")) as f:
       return [json.loads(x)[GOLD] for x in f]
   a, b = np.asarray(load(pol)), np.asarray(load("sft"))
   n = min(len(a), len(b))
-  return float(np.mean((a[:n] > b[:n]) + 0.5 * (a[:n] == b[:n])))
+  wins = (a[:n] > b[:n]) + 0.5 * (a[:n] == b[:n])
+  return float(np.mean(wins)), float(wins.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
 
 
 def write_report(workdir: str, policies, seconds: float, times: dict) -> list[dict]:
   table = []
   for pol in policies:
     m = _eval(workdir, pol)
-    table.append({"policy": pol, "gold_reward": m.get(GOLD, float("nan")), "rm_score": m.get("score", float("nan")),
+    win_gold, win_gold_se = _gold_win_rate(workdir, pol) if pol != "sft" else (0.5, 0.0)
+    table.append({"policy": pol, "gold_reward": m.get(GOLD, float("nan")), "gold_reward_se": m.get(GOLD + "_se", 0.0),
+                  "rm_score": m.get("score", float("nan")),
                   "win_rate_rm": m.get("win_rate", float("nan")) if pol != "sft" else 0.5,
-                  "win_rate_gold": _gold_win_rate(workdir, pol) if pol != "sft" else 0.5,
+                  "win_rate_rm_se": m.get("win_rate_se", 0.0) if pol != "sft" else 0.0,
+                  "win_rate_gold": win_gold, "win_rate_gold_se": win_gold_se,
                   "kl": m.get("kl", 0.0), "fluent": m.get(FLUENT, float("nan")),
                   "length": m.get("response_length", float("nan"))})
   rm_eval = rows(os.path.join(workdir, "reward"), "eval")
@@ -130,9 +135,11 @@ def write_report(workdir: str, policies, seconds: float, times: dict) -> list[di
            "| policy | gold reward | RM score | win rate vs SFT (RM judge) | win rate vs SFT (gold judge) "
            "| KL to SFT | fluent | length |", "|---|---|---|---|---|---|---|---|"]
   for r in table:
-    lines.append(f"| {r['policy']} | {r['gold_reward']:.3f} | {r['rm_score']:.3f} | {r['win_rate_rm']:.3f} | "
-                 f"{r['win_rate_gold']:.3f} | {r['kl']:.2f} | {r['fluent']:.3f} | {r['length']:.1f} |")
-  lines += ["", f"Reward model held-out accuracy: {rm_acc:.3f} (gold agreement of the noisy labels: {agree:.3f}).",
+    lines.append(f"| {r['policy']} | {r['gold_reward']:.3f} ± {r['gold_reward_se']:.3f} | {r['rm_score']:.3f} | "
+                 f"{r['win_rate_rm']:.3f} ± {r['win_rate_rm_se']:.3f} | {r['win_rate_gold']:.3f} ± "
+                 f"{r['win_rate_gold_se']:.3f} | {r['kl']:.2f} | {r['fluent']:.3f} | {r['length']:.1f} |")
+  lines += ["", "± one standard error over the evaluation prompts.", "",
+            f"Reward model held-out accuracy: {rm_acc:.3f} (gold agreement of the noisy labels: {agree:.3f}).",
             "", "Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items() if v), ""]
   for title, fn in plots:
     lines += [f"![{title}]({fn})", ""]
@@ -164,21 +171,28 @@ def _plots(workdir: str, policies) -> list[tuple[str, str]]:
   sfe = rows(os.path.join(workdir, "sft"), "eval")
   axes[0].plot([r["step"] for r in sfe], [r["loss"] for r in sfe], "o-", label="eval")
   axes[0].set_title("SFT loss")
+  axes[0].set_ylabel("cross-entropy (nats / token)")
   axes[0].legend()
   rm = rows(os.path.join(workdir, "reward"), "train")
   axes[1].plot([r["step"] for r in rm], [r["accuracy"] for r in rm], label="train")
   rme = rows(os.path.join(workdir, "reward"), "eval")
   axes[1].plot([r["step"] for r in rme], [r["accuracy"] for r in rme], "o-", label="eval")
   axes[1].set_title("reward model accuracy")
+  axes[1].set_ylabel("pairwise accuracy")
   axes[1].legend()
   dpo = rows(os.path.join(workdir, "dpo"), "train")
-  axes[2].plot([r["step"] for r in dpo], [r["rewards/margins"] for r in dpo])
+  axes[2].plot([r["step"] for r in dpo], [r["rewards/margins"] for r in dpo], color=COLORS["dpo"], label="train")
+  dpe = [r for r in rows(os.path.join(workdir, "dpo"), "eval") if "rewards/margins" in r]
+  axes[2].plot([r["step"] for r in dpe], [r["rewards/margins"] for r in dpe], "o-", color="black", label="eval")
   axes[2].set_title("DPO reward margin")
+  axes[2].set_ylabel("beta x (log-ratio chosen - rejected)")
+  axes[2].legend()
   for m in ("ppo", "grpo"):
     tr = rows(os.path.join(workdir, m), "train")
     key = "score" if m == "ppo" else "reward"
-    axes[3].plot([r["step"] for r in tr], [r.get(key, math.nan) for r in tr], label=f"{m} {key}")
+    axes[3].plot([r["step"] for r in tr], [r.get(key, math.nan) for r in tr], color=COLORS[m], label=f"{m} {key}")
   axes[3].set_title("online RL: reward-model score")
+  axes[3].set_ylabel("mean reward-model score")
   axes[3].legend()
   for a in axes:
     a.set_xlabel("step")
@@ -191,10 +205,12 @@ def _plots(workdir: str, policies) -> list[tuple[str, str]]:
   for m in ("ppo", "grpo"):
     ev = [r for r in rows(os.path.join(workdir, m), "eval") if GOLD in r]
     if ev:
-      ax.plot([r.get("kl", 0.0) for r in ev], [r[GOLD] for r in ev], "o-", label=f"{m} (during training)")
-  for pol in policies:
+      ax.plot([r.get("kl", 0.0) for r in ev], [r[GOLD] for r in ev], "o-", color=COLORS[m],
+              label=f"{m} (during training)")
+  for pol in policies:  # One colour per method: its curve and its final star match.
     e = _eval(workdir, pol)
-    ax.scatter([e.get("kl", 0.0)], [e.get(GOLD, math.nan)], s=80, marker="*", label=f"{pol} (final eval)")
+    ax.errorbar([e.get("kl", 0.0)], [e.get(GOLD, math.nan)], yerr=[e.get(GOLD + "_se", 0.0)], fmt="*",
+                markersize=12, color=COLORS.get(pol, "gray"), label=f"{pol} (final eval ± s.e.)")
   ax.set_xlabel("KL to the SFT reference (nats / response)")
   ax.set_ylabel("mean gold reward")
   ax.set_title("gold reward vs KL")

@@ -120,6 +120,10 @@ def train_eval(data_cfg, make: Callable[[dict, str], Any], *, length, truncated,
     evals = [train[i] for i in sorted(perm[:n_eval])]
     train = [train[i] for i in sorted(perm[n_eval:])]
     rep.kept = len(train)
+    held = Report(split="eval", source=f"held out from {data_cfg.train} (data.eval_fraction="
+                  f"{data_cfg.eval_fraction})", format=fmt, rows_read=n_eval, kept=n_eval,
+                  lengths=[length(e) for e in evals])
+    reports.append(held)
   else:
     evals = []
   for r in reports:

@@ -163,6 +163,8 @@ def _run(parts: Parts, config, workdir: str) -> TrainState:
     batches.restore(data_state["train"])
     logging.info("resumed %s from %s step %d (data position %s)", parts.name, ckpt.mngr.directory, latest,
                  batches.state())
+    if int(jax.device_get(state.step)) < int(config.train.steps):
+      writer.resume_at(latest)  # Rows after the checkpoint are replayed: keep each step once.
   start = int(jax.device_get(state.step))
   total = int(config.train.steps)
   stop_at = min(total, start + config.train.run_steps) if config.train.run_steps else total

@@ -20,11 +20,14 @@ from jaxalign.rewards import functions as reward_functions
 from jaxalign.steps import policy
 
 
-def _judge(texts_a, texts_b, key: str) -> float:
-  """Win rate of a over b on the same prompts by `key` (ties count half)."""
+def _judge(texts_a, texts_b, key: str) -> tuple[float, float]:
+  """Win rate of a over b on the same prompts by `key` (ties count half), and its standard error over the
+  prompts (per-prompt outcomes 1, 0.5, 0: sample std / sqrt(n))."""
   a = np.asarray([t[key] for t in texts_a])
   b = np.asarray([t[key] for t in texts_b])
-  return float(np.mean((a > b) + 0.5 * (a == b)))
+  wins = (a > b) + 0.5 * (a == b)
+  se = float(wins.std(ddof=1) / np.sqrt(len(wins))) if len(wins) > 1 else 0.0
+  return float(np.mean(wins)), se
 
 
 def build(config, workdir: str, *, mesh=None, abstract: bool = False) -> driver.Parts:
@@ -75,7 +78,7 @@ def _run(parts: driver.Parts, config, workdir: str) -> dict:
     if not judge and ev.functions:
       judge = f"reward/{ev.functions[0][0]}"
     if judge:
-      metrics["win_rate"] = _judge(texts, base_texts, judge)
+      metrics["win_rate"], metrics["win_rate_se"] = _judge(texts, base_texts, judge)
       metrics["win_rate_judge"] = judge
   writer = MetricWriter(workdir, "evaluate", config.logging.tensorboard)
   writer.write(0, "eval", {k: v for k, v in metrics.items() if not isinstance(v, str)})

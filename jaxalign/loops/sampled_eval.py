@@ -87,7 +87,7 @@ class SampledEval:
         agg.setdefault(k, []).extend(map(float, v))
       for i, (p, c) in enumerate(zip(texts, comps)):
         rows.append({"prompt": p, "completion": c, **{k: float(v[i]) for k, v in scores.items()}})
-    return {k: float(np.mean(v)) for k, v in agg.items()}, rows
+    return summarize(agg), rows
 
   def evaluate_fn(self, samples_path: str):
     """The driver's `evaluate(state, step, final)`: the final eval also writes its samples (JSONL)."""
@@ -98,6 +98,17 @@ class SampledEval:
         write_jsonl(samples_path, rows)
       return metrics
     return evaluate
+
+
+def summarize(values: dict[str, list]) -> dict[str, float]:
+  """The mean of each per-prompt metric and its standard error (`<name>_se`: sample std / sqrt(n)), so two
+  evaluations can be told apart from sampling noise (0 with a single prompt)."""
+  out = {}
+  for k, v in values.items():
+    x = np.asarray(v, np.float64)
+    out[k] = float(x.mean())
+    out[f"{k}_se"] = float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+  return out
 
 
 def write_jsonl(path: str, rows: list[dict]):

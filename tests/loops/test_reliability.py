@@ -34,8 +34,9 @@ def _train_losses(wd):
   out = {}
   with open(os.path.join(wd, "metrics.jsonl")) as f:
     for r in map(json.loads, f):
-      if r["split"] == "train":
-        assert out.setdefault(r["step"], r["loss"]) == r["loss"]  # A replayed step gives the same loss.
+      if r["split"] == "train":  # Each step once: a resumed run drops the rows it replays (issue 21).
+        assert r["step"] not in out, f"step {r['step']} twice in metrics.jsonl"
+        out[r["step"]] = r["loss"]
   return out
 
 
