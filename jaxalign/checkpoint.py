@@ -41,6 +41,13 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.mngr.latest_step()
 
+  def best_step(self) -> int | None:
+    """The kept step with the best `best_metric` (None without a metric or before any eval)."""
+    try:
+      return self.mngr.best_step()
+    except Exception:  # No best_fn configured.
+      return None
+
   def save(self, step: int, items: dict[str, Any], data_state: dict, metrics: dict | None = None,
            force: bool = True) -> bool:
     args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
@@ -105,15 +112,36 @@ def model_config_from_dict(d: dict) -> ModelConfig:
   return ModelConfig(**d)
 
 
+def update_run_info(workdir: str, **fields):
+  """Add fields to WORKDIR/run.json (the primary process writes)."""
+  if jax.process_index() == 0 and is_run_dir(workdir):
+    info = read_run_info(workdir)
+    info.update(fields)
+    paths.write_json(paths.join(workdir, RUN_FILE), info, default=str)
+
+
+def chosen_step(run_dir: str, steps) -> tuple[int | None, str]:
+  """The step a later stage loads from a run: its best checkpoint when the run kept one by
+  `checkpoint.best_metric` (recorded in run.json as `best`), else the latest. Returns (step, why)."""
+  steps = sorted(steps)
+  best = read_run_info(run_dir).get("best") if is_run_dir(run_dir) else None
+  if best and best.get("step") in steps:
+    return int(best["step"]), f"best {best['metric']}={best['value']:.4g}"
+  return (steps[-1] if steps else None), "latest"
+
+
 def restore_params_from_run(run_dir: str, abstract_params: dict, step: int | None = None) -> tuple[dict, int]:
-  """The `params` item of a run's checkpoint (latest unless `step`), restored with the given shardings.
+  """The `params` item of a run's checkpoint (`chosen_step`: the best by the run's `checkpoint.best_metric`
+  when it kept one, else the latest; or `step`), restored with the given shardings.
 
   `abstract_params` may name a subset of what was saved (e.g. only 'model' from a reward checkpoint).
   """
   ckpt_dir = paths.join(paths.resolve(run_dir), "checkpoints")
   mngr = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(read_only=True),
                                item_handlers={"params": ocp.StandardCheckpointHandler()})
-  step = mngr.latest_step() if step is None else step
+  why = "given"
+  if step is None:
+    step, why = chosen_step(run_dir, mngr.all_steps())
   if step is None:
     raise FileNotFoundError(f"{run_dir}: a jaxalign run directory but it has no complete checkpoint")
   saved = mngr.item_metadata(step)["params"]
@@ -126,7 +154,7 @@ def restore_params_from_run(run_dir: str, abstract_params: dict, step: int | Non
     _check_shapes(run_dir, k, saved[k], abstract_params[k])
   out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(full)))["params"]
   mngr.close()
-  logging.info("restored %s from %s step %d", sorted(abstract_params), run_dir, step)
+  logging.info("restored %s from %s step %d (%s)", sorted(abstract_params), run_dir, step, why)
   return {k: out[k] for k in abstract_params}, int(step)
 
 

@@ -32,9 +32,11 @@ def _flags(group, prefix="--config.") -> list[str]:
   return out
 
 
-def run_stage(name: str, config_file: str, workdir: str, overrides, extra: dict) -> float:
-  """Run one stage in a subprocess (as a user would); skip it if already done. Returns seconds taken."""
+def run_stage(name: str, config_file: str, workdir: str, overrides, extra: dict, counter: str = "") -> float:
+  """Run one stage in a subprocess (as a user would); skip it if already done. Returns seconds taken.
+  `counter`: "k/n", the stage's place in the pipeline."""
   done = os.path.join(workdir, "DONE")
+  name = f"stage {counter} {name}" if counter else name
   if os.path.exists(done):
     print(f"[pipeline] {name}: done already ({workdir})", flush=True)
     return 0.0
@@ -76,21 +78,26 @@ def run(config, workdir: str) -> dict:
   d = lambda s: os.path.join(workdir, s)  # noqa: E731
   cfg = configs.path  # The installed stage configs (jaxalign/configs/).
   times = {}
+  n_stages = 2 + 2 * len(config.methods) + 1  # SFT, RM, each method, each policy's evaluation (and SFT's).
+  k = iter(range(1, n_stages + 1))
+  count = lambda: f"{next(k)}/{n_stages}"  # noqa: E731
   times["sft"] = run_stage("sft", cfg("sft"), d("sft"), config.sft, {
-      "model.tokenizer": os.path.join(data, "tokenizer"), "data.train": p["sft_train"], "data.eval": p["sft_eval"]})
+      "model.tokenizer": os.path.join(data, "tokenizer"), "data.train": p["sft_train"], "data.eval": p["sft_eval"]},
+      count())
   times["reward"] = run_stage("reward", cfg("reward"), d("reward"), config.reward, {
-      "model.init": d("sft"), "data.train": p["pref_train"], "data.eval": p["pref_eval"]})
+      "model.init": d("sft"), "data.train": p["pref_train"], "data.eval": p["pref_eval"]}, count())
   for m in config.methods:
     if m == "dpo":
       extra = {"model.init": d("sft"), "data.train": p["pref_train"], "data.eval": p["pref_eval"]}
     else:
       extra = {"model.init": d("sft"), "reward.init": d("reward"), "data.train": p["prompts_train"],
                "data.eval": p["prompts_eval"]}
-    times[m] = run_stage(m, cfg(m), d(m), getattr(config, m), extra)
+    times[m] = run_stage(m, cfg(m), d(m), getattr(config, m), extra, count())
   for pol in ("sft",) + tuple(config.methods):
     extra = {"model.init": d(pol), "reference.init": d("sft"), "reward.init": d("reward"),
              "data.eval": p["prompts_eval"], "compare.init": d("sft")}
-    times[f"eval_{pol}"] = run_stage(f"eval {pol}", cfg("evaluate"), d(f"eval_{pol}"), config.evaluate, extra)
+    times[f"eval_{pol}"] = run_stage(f"eval {pol}", cfg("evaluate"), d(f"eval_{pol}"), config.evaluate, extra,
+                                     count())
   table = write_report(workdir, ("sft",) + tuple(config.methods), time.time() - t0, times)
   print_table(table)
   print(f"[pipeline] report: {os.path.join(workdir, 'report.md')}", flush=True)

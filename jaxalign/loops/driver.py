@@ -11,6 +11,7 @@ reward + jitted update.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import signal
 from typing import Any, Callable
@@ -18,7 +19,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jaxalign import sharding
+from jaxalign import checkpoint, paths, sharding
 from jaxalign.checkpoint import Checkpointer, abstract_like
 from jaxalign.errors import ConfigError
 from jaxalign.metrics import MetricWriter, Throughput, fetch
@@ -256,7 +257,12 @@ def _run(parts: Parts, config, workdir: str) -> TrainState:
     handle(*pending)
   if progress:
     progress.close()
+  best_step = ckpt.best_step() if c.best_metric else None
   ckpt.close()
+  if best_step is not None and best is not None:  # What a later stage loads from this run (checkpoint.chosen_step).
+    best_value = _best_value(workdir, parts.name, c.best_metric, best_step)
+    if best_value is not None:
+      checkpoint.update_run_info(workdir, best={"step": int(best_step), "metric": c.best_metric, "value": best_value})
   finished = step >= total or (c.early_stop and since_best >= c.early_stop)
   if finished:
     if parts.export is not None:
@@ -266,6 +272,24 @@ def _run(parts: Parts, config, workdir: str) -> TrainState:
                                    "skipped_updates": int(fetch(state.skipped))})
   writer.close()
   return state
+
+
+def _best_value(workdir: str, stage: str, metric: str, step: int) -> float | None:
+  """The `eval/...` metric's value at `step`, read back from metrics.jsonl's eval row."""
+  if jax.process_index() != 0:
+    return None
+  name = metric[len("eval/"):] if metric.startswith("eval/") else metric
+  path = paths.join(workdir, "metrics.jsonl")
+  if not paths.exists(path):
+    return None
+  for line in paths.read_text(path).splitlines():
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue
+    if row.get("stage") == stage and row.get("split") == "eval" and row.get("step") == step and name in row:
+      return float(row[name])
+  return None
 
 
 def _progress(config, name: str, start: int, total: int):

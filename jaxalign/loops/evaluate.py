@@ -68,12 +68,12 @@ def run(config, workdir: str) -> dict:
 def _run(parts: driver.Parts, config, workdir: str) -> dict:
   ev: SampledEval = parts.evaluate
   sources = parts.sources
-  metrics, texts = ev.run(parts.state.params["model"])
+  metrics, texts = ev.run(parts.state.params["model"], progress="evaluate")
   write_jsonl(paths.join(workdir, "samples.jsonl"), texts)
   if config.compare.init:
     other, _ = setup.load_model(config.compare.init, ev.model_cfg, parts.mesh, jax.random.PRNGKey(0),
                                 key="compare.init")
-    _, base_texts = ev.run(other["model"])
+    _, base_texts = ev.run(other["model"], progress="evaluate compare.init")
     judge = config.compare.judge or ("score" if "reward" in ev.frozen else "")
     if not judge and ev.functions:
       judge = f"reward/{ev.functions[0][0]}"

@@ -53,7 +53,7 @@ class SampledEval:
     # Outputs replicated: every process sees every row (small), so metrics agree across processes.
     self._fn = jax.jit(fn, out_shardings=sharding.replicated(self.mesh))
 
-  def run(self, params, frozen=None) -> tuple[dict, list[dict]]:
+  def run(self, params, frozen=None, progress: str = "") -> tuple[dict, list[dict]]:
     """(metric means, one row per prompt: prompt, completion and its scores); `frozen` defaults to the models
     given at construction (in training, pass the state's: a donated step hands its frozen models on)."""
     frozen = self.frozen if frozen is None else frozen
@@ -64,6 +64,10 @@ class SampledEval:
       n = min(n, self.config.eval.max_batches * b)
     agg: dict[str, list] = {}
     rows = []
+    bar = None
+    if progress and self.config.logging.progress and jax.process_index() == 0:  # Rate and ETA (tqdm).
+      from tqdm import tqdm
+      bar = tqdm(total=n, desc=progress, unit="prompt", mininterval=2.0)
     for s in range(0, n, b):
       chunk = self.prompts[s:min(s + b, n)]
       real = len(chunk)
@@ -87,6 +91,10 @@ class SampledEval:
         agg.setdefault(k, []).extend(map(float, v))
       for i, (p, c) in enumerate(zip(texts, comps)):
         rows.append({"prompt": p, "completion": c, **{k: float(v[i]) for k, v in scores.items()}})
+      if bar is not None:
+        bar.update(real)
+    if bar is not None:
+      bar.close()
     return summarize(agg), rows
 
   def evaluate_fn(self, samples_path: str):

@@ -139,7 +139,8 @@ def load_model(init: str, cfg: ModelConfig, mesh, rng, *, with_head: bool = Fals
     params, step = checkpoint.restore_params_from_run(init, want)
     if src_cfg.lora_rank:  # An adapted run: fold its adapters in; this stage starts from the merged model.
       params["model"] = jax.jit(lambda p: lora.merge(src_cfg, p), out_shardings=shard)(params["model"])
-    source = {"path": paths.resolve(init), "step": step, "kind": "jaxalign", "stage": info.get("stage")}
+    source = {"path": paths.resolve(init), "step": step, "kind": "jaxalign", "stage": info.get("stage"),
+              "checkpoint": checkpoint.chosen_step(init, [step])[1]}  # "best <metric>=<v>" or "latest".
   elif init:
     params = {"model": build.load_hf_sharded(init, base_cfg, mesh)}
     source = {"path": paths.resolve(init), "step": None, "kind": "huggingface"}
