@@ -138,19 +138,20 @@ def online(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def parse_variant(arg: str | None, path: str, variants: tuple[str, ...] = ()) -> tuple[str, str]:
-  """`configs/x.py:variant[,size]` -> (variant, size); size is "" or "tiny" (a CPU-minutes smoke run).
+  """`configs/x.py:variant[,size]` -> (variant, size); size is "", "tiny" (a CPU-minutes smoke run) or
+  "small" (hyperparameters for models under ~100M parameters, see `small`).
   An unknown name is an error naming the file and the known names."""
   names = [n for n in (arg or "").split(",") if n]
   variant = size = ""
   for n in names:
-    if n == "tiny":
+    if n in ("tiny", "small") and not size:
       size = n
     elif n in variants and not variant:
       variant = n
     else:
-      known = ", ".join((*variants, "tiny"))
-      raise ConfigError(f"{path}: unknown variant {arg!r} (known: {known}; a variant and tiny combine as "
-                       f"'name,tiny')")
+      known = ", ".join((*variants, "tiny", "small"))
+      raise ConfigError(f"{path}: unknown variant {arg!r} (known: {known}; a variant and a size combine as "
+                       f"'name,small')")
   return variant, size
 
 
@@ -167,6 +168,32 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   else:
     c.train.seq_len = 64
     c.optimizer.learning_rate = 1e-3
+  return c
+
+
+# The hyperparameters the quickstart trains its 0.9M-parameter model with (tests/test_quickstart.py checks
+# each method beats SFT with them): the `:small` size, for models under ~100M parameters. The defaults of
+# each stage suit billion-parameter models (DPO lr 5e-7, PPO/GRPO 1e-6), which barely move a small one.
+SMALL = {
+    "sft": {"optimizer.learning_rate": 2e-3, "optimizer.warmup_steps": 20, "train.batch_size": 32},
+    "reward": {"optimizer.learning_rate": 3e-4, "train.batch_size": 32},
+    "dpo": {"optimizer.learning_rate": 1e-4, "optimizer.warmup_steps": 10, "loss.beta": 0.1,
+            "train.batch_size": 32},
+    "ppo": {"optimizer.learning_rate": 5e-5, "value.learning_rate": 5e-4, "ppo.kl_coef": 0.05,
+            "ppo.target_kl": 4.0, "ppo.kl_horizon": 2000, "train.batch_size": 32},
+    "grpo": {"optimizer.learning_rate": 1e-4, "grpo.kl_coef": 0.2, "grpo.group_size": 4, "train.batch_size": 16},
+    "evaluate": {},
+}
+
+
+def sized(c: ml_collections.ConfigDict, size: str) -> ml_collections.ConfigDict:
+  """Apply the `:tiny` or `:small` size of a stage config (nothing for "")."""
+  if size == "tiny":
+    return tiny(c)
+  if size == "small":
+    for key, value in SMALL[c.stage].items():
+      group, name = key.split(".")
+      c[group][name] = value
   return c
 
 

@@ -115,3 +115,17 @@ def test_configs_are_importable():
   assert dpo.get_config("tiny").loss.type == "sigmoid"
   assert configs.path("dpo:tiny").endswith(os.path.join("jaxalign", "configs", "dpo.py:tiny"))
   assert configs.path("my/own.py") == "my/own.py"
+
+
+def test_small_size_is_the_quickstart_tested_recipe():
+  """`:small` gives a small-model user the hyperparameters the quickstart trains with (no flags to copy)."""
+  from jaxalign.config import SMALL
+  from jaxalign.configs import quickstart
+  import importlib
+
+  qs = quickstart.get_config()
+  for stage, keys in SMALL.items():
+    cfg = importlib.import_module(f"jaxalign.configs.{stage}").get_config("small")
+    for key, value in keys.items():
+      group, name = key.split(".")
+      assert cfg[group][name] == value == qs[stage][group][name], (stage, key)

@@ -9,7 +9,7 @@ kto (unpaired prompt/completion/label data).
 
 import ml_collections
 
-from jaxalign.config import base, lock, offline, parse_variant, tiny
+from jaxalign.config import base, lock, offline, parse_variant, sized
 
 
 def get_config(arg: str | None = None):
@@ -32,8 +32,8 @@ def get_config(arg: str | None = None):
   c.reference = ml_collections.ConfigDict()
   c.reference.init = ""  # "" = model.init.
   c.reference.precompute = False  # One pass of reference log-probs before training; no reference held after.
-  if size:
-    tiny(c)
+  sized(c, size)
+  if size == "tiny":
     c.train.steps = 30
     c.optimizer.learning_rate = 1e-4
   return lock(c)

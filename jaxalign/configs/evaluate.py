@@ -8,7 +8,7 @@ reference, and win rate against another checkpoint.
 
 import ml_collections
 
-from jaxalign.config import base, lock, online, parse_variant, tiny
+from jaxalign.config import base, lock, online, parse_variant, sized
 
 
 def get_config(arg: str | None = None):
@@ -19,6 +19,5 @@ def get_config(arg: str | None = None):
   c.compare = ml_collections.ConfigDict()
   c.compare.init = ""  # Another policy (run dir or HF dir) to compute the win rate against.
   c.compare.judge = ""  # "" = the reward model's score; or "reward/<function name>".
-  if size:
-    tiny(c)
+  sized(c, size)
   return lock(c)

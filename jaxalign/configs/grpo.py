@@ -8,7 +8,7 @@ Variants: grpo (default), rloo, dr_grpo, dapo, gspo, tiny.
 
 import ml_collections
 
-from jaxalign.config import base, lock, online, parse_variant, tiny
+from jaxalign.config import base, lock, online, parse_variant, sized
 
 
 def get_config(arg: str | None = None):
@@ -30,6 +30,7 @@ def get_config(arg: str | None = None):
   c.grpo.kl_coef = 0.04  # k3 KL to the reference in the loss; 0 = no reference held.
   c.grpo.epochs = 1
   c.grpo.minibatches = 1
+  sized(c, size)  # Before the variant: a variant's defining settings (DAPO's no-KL) win over a size's.
   if variant == "rloo":
     c.grpo.estimator, c.grpo.scale, c.grpo.loss_norm = "rloo", "none", "token"
   elif variant == "dr_grpo":
@@ -38,8 +39,7 @@ def get_config(arg: str | None = None):
     c.grpo.clip_high, c.grpo.loss_norm, c.grpo.kl_coef = 0.28, "global_token", 0.0
   elif variant == "gspo":
     c.grpo.importance, c.grpo.clip_low, c.grpo.clip_high = "sequence", 3e-4, 4e-4
-  if size:
-    tiny(c)
+  if size == "tiny":
     c.train.batch_size = 8
     c.grpo.group_size = 4
   return lock(c)

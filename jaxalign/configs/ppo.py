@@ -6,7 +6,7 @@
 
 import ml_collections
 
-from jaxalign.config import base, lock, online, parse_variant, tiny
+from jaxalign.config import base, lock, online, parse_variant, sized
 
 
 def get_config(arg: str | None = None):
@@ -32,7 +32,7 @@ def get_config(arg: str | None = None):
   c.value = ml_collections.ConfigDict()
   c.value.init = ""  # "" = reward.init (its decoder, with a fresh head).
   c.value.learning_rate = 0.0  # 0 = optimizer.learning_rate.
-  if size:
-    tiny(c)
+  sized(c, size)
+  if size == "tiny":
     c.value.learning_rate = 1e-3
   return lock(c)

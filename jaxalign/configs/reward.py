@@ -9,7 +9,7 @@ responses (prompt, responses, ranking|ratings) expanded into all pairs.
 
 import ml_collections
 
-from jaxalign.config import base, lock, offline, parse_variant, tiny
+from jaxalign.config import base, lock, offline, parse_variant, sized
 
 
 def get_config(arg: str | None = None):
@@ -22,7 +22,7 @@ def get_config(arg: str | None = None):
   c.loss = ml_collections.ConfigDict()
   c.loss.center_coef = 0.0  # Adds coef * (r_c + r_r)^2 (keeps rewards centred; 0.01 is usual).
   c.loss.use_margin = True  # Subtract the per-pair `margin` field when present.
-  if size:
-    tiny(c)
+  sized(c, size)
+  if size == "tiny":
     c.train.steps = 30
   return lock(c)

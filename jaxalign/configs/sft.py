@@ -6,7 +6,7 @@
 Variants: `configs/sft.py:tiny` (a few CPU-minutes smoke run).
 """
 
-from jaxalign.config import base, lock, offline, parse_variant, tiny
+from jaxalign.config import base, lock, offline, parse_variant, sized
 
 
 def get_config(arg: str | None = None):
@@ -15,6 +15,5 @@ def get_config(arg: str | None = None):
   c.optimizer.learning_rate = 2e-5
   c.optimizer.warmup_steps = 10
   c.checkpoint.best_metric = "eval/loss"
-  if size:
-    tiny(c)
+  sized(c, size)
   return lock(c)

@@ -40,6 +40,29 @@ def precompute_reference(model_cfg, ref_params, pairs, mesh, batch_size: int, se
       pairs[i].ref = host[j].astype(np.float32)
 
 
+DRIFT_NATS = 5.0  # Warn when held-out chosen responses lose this much log-probability against the reference.
+
+
+def _with_drift_warning(evaluate, beta: float):
+  """Adds `chosen_logratio` (mean log pi(y_c) - log ref(y_c) over held-out pairs, nats per response) to each
+  eval and warns when it falls below -DRIFT_NATS: the policy is moving probability away from the very
+  responses it should prefer (likelihood displacement), while reward accuracy can still look healthy. The
+  sign a small preference set with the default beta shows first (issue 21: KL ~11 nats, fluency 0.95 ->
+  0.34, accuracy 0.77)."""
+
+  def wrapped(state, step, final):
+    m = evaluate(state, step, final)
+    if "rewards/chosen" in m:
+      m["chosen_logratio"] = m["rewards/chosen"] / beta
+      if m["chosen_logratio"] < -DRIFT_NATS:
+        logging.warning("step %d: held-out chosen responses are %.1f nats less likely than under the reference: "
+                        "the policy is drifting from it (check samples); lower optimizer.learning_rate or raise "
+                        "loss.beta", step, -m["chosen_logratio"])
+    return m
+
+  return wrapped
+
+
 def build(config, workdir: str, *, mesh=None, abstract: bool = False) -> driver.Parts:
   kto = config.loss.type == "kto"
   if not kto and config.loss.type not in preference.LOSS_TYPES:
@@ -80,6 +103,8 @@ def build(config, workdir: str, *, mesh=None, abstract: bool = False) -> driver.
   parts.batches, ev = pair_iterators(config, train, evals, config.data.loss_window)
   parts.evaluate = setup.batch_evaluator(functools.partial(eval_fn, model_cfg=model_cfg, loss_cfg=config.loss),
                                          dpo_steps.dpo_eval_metrics, ev, driver.state_shardings(state, mesh), mesh)
+  if parts.evaluate is not None and not kto and config.loss.type not in dpo_steps.REFERENCE_FREE:
+    parts.evaluate = _with_drift_warning(parts.evaluate, config.loss.beta)
 
   def export(st):
     if config.export.hf:

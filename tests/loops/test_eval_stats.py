@@ -21,3 +21,16 @@ def test_win_rate_and_its_standard_error():
   wins = np.array([1.0, 0.5, 0.0, 1.0])
   assert rate == wins.mean()
   np.testing.assert_allclose(se, wins.std(ddof=1) / 2.0)
+
+
+def test_dpo_eval_warns_when_chosen_responses_drift_from_the_reference(caplog):
+  from jaxalign.loops import dpo
+
+  evals = iter([{"rewards/chosen": -0.2}, {"rewards/chosen": -0.9}])
+  wrapped = dpo._with_drift_warning(lambda st, step, final: dict(next(evals)), beta=0.1)
+  with caplog.at_level("WARNING"):
+    first = wrapped(None, 10, False)
+    assert first["chosen_logratio"] == -2.0 and not caplog.records  # 2 nats: within bounds.
+    second = wrapped(None, 20, False)
+  assert second["chosen_logratio"] == -9.0
+  assert any("9.0 nats less likely than under the reference" in r.getMessage() for r in caplog.records)
