@@ -86,6 +86,7 @@ def base(stage: str) -> ml_collections.ConfigDict:
   c.logging.every = 10  # Steps between metric lines.
   c.logging.tensorboard = True
   c.logging.progress = True  # tqdm progress bar.
+  c.logging.report = True  # WORKDIR/report.md + curves.png when the run finishes (jaxalign.report).
 
   c.export = ml_collections.ConfigDict()
   c.export.hf = True  # Write WORKDIR/export/hf at the end (a transformers checkpoint + tokenizer).

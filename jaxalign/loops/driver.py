@@ -271,6 +271,10 @@ def _run(parts: Parts, config, workdir: str) -> TrainState:
                                    "buckets": len({s[0][-1] for s in shapes}), "shapes": len(shapes),
                                    "skipped_updates": int(fetch(state.skipped))})
   writer.close()
+  if finished and jax.process_index() == 0 and config.logging.report:
+    from jaxalign import report
+
+    logging.info("report: %s", report.write(workdir, parts.name))
   return state
 
 

@@ -85,6 +85,10 @@ def _run(parts: driver.Parts, config, workdir: str) -> dict:
   writer.close()
   if jax.process_index() == 0:
     paths.write_json(paths.join(workdir, "eval.json"), {"metrics": metrics, "sources": sources}, indent=2)
+    if config.logging.report:
+      from jaxalign import report
+
+      report.write(workdir, "evaluate")
   return metrics
 
 

@@ -144,6 +144,9 @@ def test_next_stage_loads_the_best_checkpoint_and_run_json_says_which(tiny, tmp_
   best = json.load(open(os.path.join(wd, "run.json")))["best"]
   assert best["step"] == max(evals, key=evals.get) == 2 and best["value"] == pytest.approx(evals[2])
   assert Checkpointer(os.path.join(wd, "checkpoints")).latest_step() == 6
+  report = open(os.path.join(wd, "report.md")).read()  # Every finished run writes its own small report.
+  assert "![curves](curves.png)" in report and "## last eval row (step 6)" in report and "| loss |" in report
+  assert open(os.path.join(wd, "curves.png"), "rb").read(4) == b"\x89PNG"
   model_cfg = setup.resolve_model_config(wd, cfg.model)
   params, source = setup.load_model(wd, model_cfg, setup.make_mesh(cfg), jax.random.PRNGKey(0))
   assert source["step"] == 2 and source["checkpoint"].startswith("best eval/loss=")
