@@ -30,9 +30,24 @@ def init_distributed(mode: str, coordinator=None, num_processes=None, process_id
     jax.distributed.initialize()
 
 
+# Orbax warnings that are expected when a later stage reads only the params of an earlier run's checkpoint
+# through a read-only manager (the other items are meant to stay unread): filtered by exact text.
+ORBAX_EXPECTED = ("CheckpointManagerOptions.read_only=True, setting", "Given directory is read only",
+                  "was found in the checkpoint, but could not be restored")
+
+
+def _keep(record: logging.LogRecord) -> bool:
+  if "orbax" not in record.pathname:
+    return True
+  if record.levelno < logging.WARNING:
+    return False
+  return not any(t in record.getMessage() for t in ORBAX_EXPECTED)
+
+
 def quiet_libraries():
-  """Orbax logs every file it renames at INFO, fsspec every remote file it opens; keep their warnings and errors."""
-  logging.getLogger("absl").addFilter(lambda r: r.levelno >= logging.WARNING or "orbax" not in r.pathname)
+  """Orbax logs every file it renames at INFO, fsspec every remote file it opens; keep their warnings and errors
+  (less the expected read-only ones, ORBAX_EXPECTED)."""
+  logging.getLogger("absl").addFilter(_keep)
   for name in ("jax._src.xla_bridge", "jax._src.distributed", "fsspec", "gcsfs"):
     logging.getLogger(name).setLevel(logging.WARNING)
 

@@ -129,3 +129,18 @@ def test_small_size_is_the_quickstart_tested_recipe():
     for key, value in keys.items():
       group, name = key.split(".")
       assert cfg[group][name] == value == qs[stage][group][name], (stage, key)
+
+
+def test_expected_orbax_warnings_are_filtered_and_others_kept():
+  import logging
+
+  from jaxalign import launch_utils
+
+  def rec(msg, level=logging.WARNING, path="/x/orbax/checkpoint/checkpoint_manager.py"):
+    return logging.LogRecord("absl", level, path, 1, msg, None, None)
+
+  assert not launch_utils._keep(rec('Item "opt_state" was found in the checkpoint, but could not be restored.'))
+  assert not launch_utils._keep(rec("Given directory is read only=/runs/sft/checkpoints"))
+  assert not launch_utils._keep(rec("Saving item to /x", level=logging.INFO))
+  assert launch_utils._keep(rec("Checkpoint save failed: disk full"))  # A real orbax warning stays.
+  assert launch_utils._keep(rec("anything", path="/x/jaxalign/loops/driver.py"))
