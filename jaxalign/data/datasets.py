@@ -56,7 +56,8 @@ def load_split(data_cfg, spec: str, split_name: str, config_key: str):
 
 
 def process(ds, fmt: str, spec: str, split_name: str, data_cfg, make: Callable[[dict, str], Any],
-            *, length: Callable[[Any], int], truncated: Callable[[Any], bool]) -> tuple[list, Report]:
+            *, length: Callable[[Any], int], truncated: Callable[[Any], bool],
+            limit: str = "train.seq_len") -> tuple[list, Report]:
   """Validate, dedup, expand ranked rows, tokenise with `make(row, where)`; bad rows raise or are skipped."""
   rep = Report(split=split_name, source=spec, format=fmt)
   seen: set[str] = set()
@@ -97,19 +98,22 @@ def process(ds, fmt: str, spec: str, split_name: str, data_cfg, make: Callable[[
   if not out:
     raise DataError(f"{spec}: no usable records ({rep})")
   if rep.truncated == rep.kept:  # Every record cut: the model would never see a whole example.
-    raise DataError(f"{spec}: every one of the {rep.kept} records is longer than train.seq_len and was truncated "
-                    f"(longest {max(rep.lengths)} tokens kept); raise train.seq_len (or data.max_prompt_len)")
+    raise DataError(f"{spec}: every one of the {rep.kept} records is longer than {limit} and was truncated "
+                    f"(longest {max(rep.lengths)} tokens kept); raise {limit}")
   return out, rep
 
 
-def train_eval(data_cfg, make: Callable[[dict, str], Any], *, length, truncated, seed: int):
+def train_eval(data_cfg, make: Callable[[dict, str], Any], *, length, truncated, seed: int,
+               limit: str = "train.seq_len"):
   """(train examples, eval examples, [reports]); eval is data.eval or a held-out fraction of train."""
   ds, fmt = load_split(data_cfg, data_cfg.train, "train", "data.train")
-  train, rep = process(ds, fmt, data_cfg.train, "train", data_cfg, make, length=length, truncated=truncated)
+  train, rep = process(ds, fmt, data_cfg.train, "train", data_cfg, make, length=length, truncated=truncated,
+                       limit=limit)
   reports = [rep]
   if data_cfg.eval:
     eds, efmt = load_split(data_cfg, data_cfg.eval, "eval", "data.eval")
-    evals, erep = process(eds, efmt, data_cfg.eval, "eval", data_cfg, make, length=length, truncated=truncated)
+    evals, erep = process(eds, efmt, data_cfg.eval, "eval", data_cfg, make, length=length, truncated=truncated,
+                          limit=limit)
     reports.append(erep)
   elif data_cfg.eval_fraction > 0:
     n_eval = max(1, int(round(len(train) * data_cfg.eval_fraction)))
@@ -198,7 +202,9 @@ def prompt_examples(config, tok, prompt_len: int):
     ids = examples.prompt_ids(tok, row["prompt"], where)
     ex = examples.Example(ids[-prompt_len:], np.zeros(min(len(ids), prompt_len), bool),
                           truncated=len(ids) > prompt_len)
-    ex.text = row["prompt"]
+    ex.text = row["prompt"]  # The record's prompt as written: what reward functions see, in training and eval.
+    ex.columns = {k: v for k, v in row.items() if k != "prompt"}
     return ex
 
-  return train_eval(d, make, length=len, truncated=lambda e: e.truncated, seed=config.seed)
+  return train_eval(d, make, length=len, truncated=lambda e: e.truncated, seed=config.seed,
+                    limit="rollout.prompt_len")

@@ -98,8 +98,8 @@ def validate(row: dict, fmt: str, where: str) -> dict:
     if not isinstance(vals, list) or len(vals) != len(resp):
       raise DataError(f"{where}: field {key!r} must be a list with one entry per response")
     return {"prompt": _text_or_conv(row, "prompt", where, allow_empty=True), "responses": resp, key: vals}
-  if fmt == "prompt":
-    return {"prompt": _text_or_conv(row, "prompt", where)}
+  if fmt == "prompt":  # Every other column rides along: reward functions read them (answers, tests, ...).
+    return {"prompt": _text_or_conv(row, "prompt", where), **{k: v for k, v in row.items() if k != "prompt"}}
   raise DataError(f"data.format={fmt!r}: expected one of {FORMATS}")
 
 

@@ -13,6 +13,7 @@ class PromptIterator:
   def __init__(self, prompts: list, *, batch_size: int, prompt_len: int, seed: int, pad_id: int):
     self.prompts, self.b, self.p, self.seed, self.pad = prompts, batch_size, prompt_len, seed, pad_id
     self.epoch, self.index = 0, 0
+    self.last: list = []  # This process's examples of the batch last returned (their text and columns).
     if len(prompts) < batch_size:
       raise ValueError(f"{len(prompts)} prompts make no batch of rollout.batch_size={batch_size}")
 
@@ -32,6 +33,7 @@ class PromptIterator:
     order = np.random.default_rng([self.seed, self.epoch, 17]).permutation(len(self.prompts))
     idx = order[self.index * self.b:(self.index + 1) * self.b][batching.host_rows(self.b)]
     self.index += 1
+    self.last = [self.prompts[i] for i in idx]
     toks, mask = left_pad([self.prompts[i].ids for i in idx], self.p, self.pad)
     return {"prompts": toks, "prompt_mask": mask}
 

@@ -23,9 +23,10 @@ from jaxalign.steps import grpo as grpo_steps
 class Iteration:
   """`step(state, batch)` for the driver: `grpo_iteration` over the jitted halves and the host rewards."""
 
-  def __init__(self, rollout, update, functions, tok, mesh, response_len: int):
+  def __init__(self, rollout, update, functions, tok, mesh, response_len: int, group: int = 1):
     self.rollout, self.update, self.functions = rollout, update, functions
-    self.tok, self.mesh, self.response_len = tok, mesh, response_len
+    self.tok, self.mesh, self.response_len, self.group = tok, mesh, response_len, group
+    self.source = None  # The prompt iterator (its `last` examples give the records' prompts and columns).
 
   def rewards(self, ro) -> jax.Array:
     """[B, F] reward-function values as a global array: each process decodes and scores its own rows (one
@@ -35,8 +36,12 @@ class Iteration:
       tokens = local_rows(ro.tokens_BS)
       p = tokens.shape[1] - self.response_len
       comps = reward_functions.decode(self.tok, tokens[:, p:], local_rows(ro.mask_BN))
-      prompts = self.tok.batch_decode(tokens[:, :p], skip_special_tokens=True)
-      values = reward_functions.values(self.functions, prompts, comps)
+      rows = getattr(self.source, "last", None)
+      if rows and len(rows) * self.group == len(comps):  # The records as written, with every column.
+        prompts, columns = reward_functions.expand(rows, self.group)
+      else:  # Batches not from a prompt iterator (the bench): the prompts decoded from their tokens.
+        prompts, columns = self.tok.batch_decode(tokens[:, :p], skip_special_tokens=True), {}
+      values = reward_functions.values(self.functions, prompts, comps, columns)
     return jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh), values)
 
   def __call__(self, state, batch):
@@ -61,7 +66,7 @@ def jit_iteration(state, mesh, model_cfg, config, rollout_cfg, tx, schedule, fun
                                      fn_weights=tuple(w for _, _, w in functions),
                                      model_weight=config.reward.model_weight),
                    in_shardings=(state_sh, bs, bs), out_shardings=(state_sh, rep), donate_argnums=(0,))
-  return Iteration(rollout, update, functions, tok, mesh, rollout_cfg.max_new_tokens)
+  return Iteration(rollout, update, functions, tok, mesh, rollout_cfg.max_new_tokens, g.group_size)
 
 
 def build(config, workdir: str, *, mesh=None, abstract: bool = False) -> driver.Parts:
@@ -87,6 +92,7 @@ def build(config, workdir: str, *, mesh=None, abstract: bool = False) -> driver.
     parts.programs = {"rollout": (rollout, (state, prompts)), "update": (update, (state, rollout_spec, values_spec))}
     return parts
   parts.batches, evals = prompt_data(config, tok, workdir)
+  step.source = parts.batches
   setup.record_run(workdir, config, model_cfg, sources)
   ev = SampledEval(config, tok, model_cfg, mesh, evals, frozen, ro,
                    reward_functions.load(config.reward.eval_functions or config.reward.functions),

@@ -79,8 +79,9 @@ class SampledEval:
                "prompt_mask": jax.make_array_from_process_local_data(bs, mask[sl])}
       out = {k: v[:real] for k, v in fetch(self._fn(params, frozen, batch, jax.random.fold_in(key, s))).items()}
       comps = reward_functions.decode(self.tok, out["tokens"], out["mask"])
-      texts = [e.text if isinstance(e.text, str) else str(e.text) for e in chunk[:real]]
-      scores = {f"reward/{name}": reward_functions.values([(name, f, w)], texts, comps)[:, 0]
+      prompts, columns = reward_functions.expand(chunk[:real], 1)  # As in training: records as written.
+      texts = [p if isinstance(p, str) else str(p) for p in prompts]
+      scores = {f"reward/{name}": reward_functions.values([(name, f, w)], prompts, comps, columns)[:, 0]
                 for name, f, w in self.functions}
       for k in ("kl", "score"):
         if k in out:
@@ -114,6 +115,7 @@ def summarize(values: dict[str, list]) -> dict[str, float]:
   out = {}
   for k, v in values.items():
     x = np.asarray(v, np.float64)
+    x = x[np.isfinite(x)] if np.isfinite(x).any() else x  # A function's None (NaN): not applicable there.
     out[k] = float(x.mean())
     out[f"{k}_se"] = float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
   return out

@@ -72,8 +72,9 @@ def _loss(params, mb: dict, *, cfg, grpo_cfg, temperature, prompt_len, max_len, 
 
 
 def total_rewards(rollout: Rollout, fn_values_BF, fn_weights_F, model_weight: float, has_model: bool):
-  """The sequence reward [B]: reward functions weighted, plus the reward model's score weighted."""
-  rewards_B = fn_values_BF @ jnp.asarray(fn_weights_F, jnp.float32)
+  """The sequence reward [B]: reward functions weighted, plus the reward model's score weighted. A function's
+  NaN (its None: not applicable to that row) adds nothing, as TRL's nansum over functions."""
+  rewards_B = jnp.nansum(fn_values_BF * jnp.asarray(fn_weights_F, jnp.float32), axis=-1)
   return rewards_B + model_weight * rollout.scores_B if has_model else rewards_B
 
 
@@ -114,7 +115,7 @@ def grpo_update(state: TrainState, rollout: Rollout, fn_values_BF, *, cfg, grpo_
   if has_model:
     metrics["score"] = rollout.scores_B.mean()
   for i, name in enumerate(fn_names):
-    metrics[f"reward/{name}"] = fn_values_BF[:, i].mean()
+    metrics[f"reward/{name}"] = jnp.nanmean(fn_values_BF[:, i])  # Rows where it applies.
   return policy.finish_iteration(state, inner.params, inner.opt_state, [inner]), metrics
 
 
