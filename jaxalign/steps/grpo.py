@@ -107,8 +107,11 @@ def grpo_update(state: TrainState, rollout: Rollout, fn_values_BF, *, cfg, grpo_
   inner, metrics = policy.minibatch_epochs(mb_step, inner, data, k_update, epochs=grpo_cfg.epochs, minibatches=m,
                                            group=group, what="rollout rows (prompts x group_size)")
   mask_BN = rollout.mask_BN
+  groups_GK = rewards_B.reshape(-1, grpo_cfg.group_size)
   metrics.update(reward=rewards_B.mean(), reward_std=rewards_B.std(), advantage_abs=jnp.abs(adv_B).mean(),
-                 response_length=mask_BN.sum(-1).mean(),
+                 # Groups whose samples all got the same reward: no learning signal (DAPO's dynamic sampling).
+                 zero_variance_groups=jnp.mean(jnp.all(groups_GK == groups_GK[:, :1], axis=-1)),
+                 response_length=mask_BN.sum(-1).mean(), response_length_max=mask_BN.sum(-1).max(),
                  no_eos_fraction=1.0 - rollout.finished_B.astype(jnp.float32).mean(),
                  kl_ref=metrics["kl"] if on_policy(grpo_cfg) or rollout.ref_logp_BN is None else
                  jnp.sum(rl.kl_estimate(rollout.old_logp_BN, rollout.ref_logp_BN, "k3") * mask_BN, -1).mean())

@@ -72,5 +72,10 @@ def test_a_column_reading_reward_sees_its_own_row_in_training_and_evaluation(tin
   stages.train(cfg, str(tmp_path / "run"))
   assert len(CALLS) >= 4  # Two training iterations and the evaluations (baseline, 1, 2).
   assert all(all(ok) for ok in CALLS) and sum(map(len, CALLS)) > 0
+  train_rows = [r for r in map(json.loads, open(os.path.join(tmp_path, "run", "metrics.jsonl")))
+                if r["split"] == "train"]
+  for r in train_rows:  # The metrics users of these methods watch.
+    assert 0.0 <= r["zero_variance_groups"] <= 1.0 and 0.0 <= r["no_eos_fraction"] <= 1.0
+    assert r["response_length_max"] >= r["response_length"] > 0
   evals_rows = [json.loads(x) for x in open(os.path.join(tmp_path, "run", "eval_samples.jsonl"))]
   assert {r["prompt"] for r in evals_rows} <= {r["prompt"] for r in rows[48:]}  # The record's prompt as written.
