@@ -126,6 +126,13 @@ def group_advantages(rewards, group_size: int, estimator: str = "grpo", scale: s
   return adv.reshape(-1)
 
 
+def overlong_penalty(lengths_B, max_len: int, buffer: int, factor: float = 1.0):
+  """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13): 0 up to max_len - buffer tokens, then falling
+  linearly to -factor at the budget (and beyond): ((max_len - buffer) - L) / buffer in between."""
+  start = max_len - buffer
+  return -factor * jnp.clip((lengths_B.astype(jnp.float32) - start) / buffer, 0.0, 1.0)
+
+
 def aggregate(loss_tok, mask, mode: str, max_len: int, global_tokens=None):
   """Reduce per-token losses [B, N] to a scalar by the normalisation in use.
 

@@ -85,6 +85,10 @@ def grpo_update(state: TrainState, rollout: Rollout, fn_values_BF, *, cfg, grpo_
   has_model = "reward" in (state.frozen or {})
   rewards_B = total_rewards(rollout, fn_values_BF, np.asarray(fn_weights, np.float32).reshape(-1), model_weight,
                             has_model)
+  buffer = int(round(grpo_cfg.get("overlong_fraction", 0.0) * rollout.mask_BN.shape[1]))
+  if buffer > 0:  # DAPO's overlong shaping over the last `buffer` tokens of the response budget.
+    rewards_B = rewards_B + rl.overlong_penalty(rollout.mask_BN.sum(-1), rollout.mask_BN.shape[1], buffer,
+                                                grpo_cfg.get("overlong_penalty", 1.0))
   adv_B = rl.group_advantages(rewards_B, grpo_cfg.group_size, grpo_cfg.estimator, grpo_cfg.scale,
                               eps=grpo_cfg.get("std_eps", 1e-4), ddof=grpo_cfg.get("std_ddof", 1))
   n_rows, max_len = rollout.mask_BN.shape

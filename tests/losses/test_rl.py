@@ -88,3 +88,10 @@ def test_kl_estimators_and_aggregation():
   assert float(rl.aggregate(loss, mask, "token", 3)) == pytest.approx(6.0 / 3)
   assert float(rl.aggregate(loss, mask, "constant", 3)) == pytest.approx(6.0 / 6)
   assert float(rl.aggregate(loss, mask, "global_token", 3, 12.0)) == pytest.approx(0.5)
+
+
+def test_overlong_penalty_matches_dapo():
+  """DAPO eq. 13 with L_max = 20, L_cache = 5: 0 up to 15 tokens, (15 - L) / 5 up to 20, -1 at the budget."""
+  lengths = jnp.asarray([3, 15, 16, 18, 20])
+  np.testing.assert_allclose(rl.overlong_penalty(lengths, 20, 5), [0.0, 0.0, -0.2, -0.6, -1.0], atol=1e-6)
+  np.testing.assert_allclose(rl.overlong_penalty(lengths, 20, 5, factor=0.5), [0, 0, -0.1, -0.3, -0.5], atol=1e-6)
