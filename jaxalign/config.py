@@ -125,9 +125,10 @@ def online(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.reward = ml_collections.ConfigDict()
   c.reward.init = ""  # Reward-model run dir or HF *ForSequenceClassification dir.
   c.reward.model_weight = 1.0  # Weight of the reward model's score in the total reward (GRPO).
-  c.reward.functions = ()  # Python reward functions 'module:function' (prompts, completions) -> floats.
+  c.reward.functions = ()  # 'module:function': fn(prompts, completions, **columns) -> floats (None: n/a).
   c.reward.weights = ()  # One weight per function (default 1.0 each).
   c.reward.eval_functions = ()  # Extra functions reported at eval only (e.g. a gold reward).
+  c.reward.timeout_s = 300.0  # A reward function's call past this many seconds costs its batch's rewards.
   c.reference = ml_collections.ConfigDict()
   c.reference.init = ""  # "" = model.init.
   c.train.steps = 100  # Iterations (rollout + update).

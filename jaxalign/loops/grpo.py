@@ -23,8 +23,9 @@ from jaxalign.steps import grpo as grpo_steps
 class Iteration:
   """`step(state, batch)` for the driver: `grpo_iteration` over the jitted halves and the host rewards."""
 
-  def __init__(self, rollout, update, functions, tok, mesh, response_len: int, group: int = 1):
-    self.rollout, self.update, self.functions = rollout, update, functions
+  def __init__(self, rollout, update, functions, tok, mesh, response_len: int, group: int = 1,
+               timeout: float | None = None):
+    self.rollout, self.update, self.functions, self.timeout = rollout, update, functions, timeout
     self.tok, self.mesh, self.response_len, self.group = tok, mesh, response_len, group
     self.source = None  # The prompt iterator (its `last` examples give the records' prompts and columns).
 
@@ -41,11 +42,16 @@ class Iteration:
         prompts, columns = reward_functions.expand(rows, self.group)
       else:  # Batches not from a prompt iterator (the bench): the prompts decoded from their tokens.
         prompts, columns = self.tok.batch_decode(tokens[:, :p], skip_special_tokens=True), {}
-      values = reward_functions.values(self.functions, prompts, comps, columns)
+      values = reward_functions.values(self.functions, prompts, comps, columns, timeout=self.timeout)
     return jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh), values)
 
   def __call__(self, state, batch):
-    return grpo_steps.grpo_iteration(state, batch, rollout=self.rollout, rewards=self.rewards, update=self.update)
+    failed = sum(reward_functions.FAILURES.values())
+    state, metrics = grpo_steps.grpo_iteration(state, batch, rollout=self.rollout, rewards=self.rewards,
+                                               update=self.update)
+    if self.functions:  # Samples whose reward function crashed or timed out (logged where it happened).
+      metrics["reward_failures"] = float(sum(reward_functions.FAILURES.values()) - failed)
+    return state, metrics
 
   def compiles(self) -> int:
     return self.rollout._cache_size() + self.update._cache_size()  # noqa: SLF001
@@ -66,7 +72,8 @@ def jit_iteration(state, mesh, model_cfg, config, rollout_cfg, tx, schedule, fun
                                      fn_weights=tuple(w for _, _, w in functions),
                                      model_weight=config.reward.model_weight),
                    in_shardings=(state_sh, bs, bs), out_shardings=(state_sh, rep), donate_argnums=(0,))
-  return Iteration(rollout, update, functions, tok, mesh, rollout_cfg.max_new_tokens, g.group_size)
+  return Iteration(rollout, update, functions, tok, mesh, rollout_cfg.max_new_tokens, g.group_size,
+                   config.reward.get("timeout_s"))
 
 
 def build(config, workdir: str, *, mesh=None, abstract: bool = False) -> driver.Parts:

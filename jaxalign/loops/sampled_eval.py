@@ -81,7 +81,8 @@ class SampledEval:
       comps = reward_functions.decode(self.tok, out["tokens"], out["mask"])
       prompts, columns = reward_functions.expand(chunk[:real], 1)  # As in training: records as written.
       texts = [p if isinstance(p, str) else str(p) for p in prompts]
-      scores = {f"reward/{name}": reward_functions.values([(name, f, w)], prompts, comps, columns)[:, 0]
+      timeout = self.config.reward.get("timeout_s")
+      scores = {f"reward/{name}": reward_functions.values([(name, f, w)], prompts, comps, columns, timeout)[:, 0]
                 for name, f, w in self.functions}
       for k in ("kl", "score"):
         if k in out:

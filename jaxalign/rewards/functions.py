@@ -10,8 +10,11 @@ applicable": that value is left out of the function's mean and contributes nothi
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import importlib
 import inspect
+import logging
 from typing import Callable
 
 import numpy as np
@@ -51,16 +54,50 @@ def accepted(fn: Callable, columns: dict) -> dict:
   return {k: v for k, v in columns.items() if k in names}
 
 
-def values(functions, prompts: list, completions: list[str], columns: dict | None = None) -> np.ndarray:
-  """[n, F] float32: each function's reward for each completion; NaN where it returned None."""
+FAILURES: collections.Counter = collections.Counter()  # Samples whose reward failed, by function (a metric).
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="reward")
+
+
+def values(functions, prompts: list, completions: list[str], columns: dict | None = None,
+           timeout: float | None = None) -> np.ndarray:
+  """[n, F] float32: each function's reward for each completion; NaN where it returned None or failed.
+
+  A function that raises is retried one sample at a time, so a crash costs only the samples it crashes on;
+  one that runs past `timeout` seconds costs this batch's values (its thread is left to finish; a verifier
+  that runs code should bound it itself, as `verifiers.code_tests` does). Each failure is logged once per call
+  and counted in FAILURES, never raised: a reward function never stops the run."""
   out = np.zeros((len(completions), len(functions)), np.float32)
   columns = columns or {}
   for i, (name, f, _) in enumerate(functions):
-    raw = list(f(prompts, completions, **accepted(f, columns)))
-    if len(raw) != len(completions):
-      raise ValueError(f"reward function {name} returned {len(raw)} values for {len(completions)} completions")
+    cols = accepted(f, columns)
+    try:
+      raw = _call(f, prompts, completions, cols, timeout)
+      if len(raw) != len(completions):
+        raise ValueError(f"returned {len(raw)} values for {len(completions)} completions")
+    except concurrent.futures.TimeoutError:
+      logging.warning("reward function %s: no result within %.0f s; its %d samples get no reward", name, timeout,
+                      len(completions))
+      FAILURES[name] += len(completions)
+      raw = [None] * len(completions)
+    except Exception as e:  # Isolate the samples it fails on.
+      logging.warning("reward function %s failed (%s: %s); scoring its samples one at a time", name,
+                      type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+      raw = []
+      for j in range(len(completions)):
+        try:
+          raw += list(_call(f, prompts[j:j + 1], completions[j:j + 1], {k: v[j:j + 1] for k, v in cols.items()},
+                            timeout))[:1]
+        except Exception:
+          FAILURES[name] += 1
+          raw.append(None)
     out[:, i] = np.asarray([np.nan if v is None else float(v) for v in raw], np.float32)
   return out
+
+
+def _call(f, prompts, completions, cols, timeout):
+  if timeout is None:
+    return list(f(prompts, completions, **cols))
+  return list(_POOL.submit(f, prompts, completions, **cols).result(timeout=timeout))
 
 
 def expand(examples: list, group: int) -> tuple[list, dict]:

@@ -79,3 +79,26 @@ def test_a_column_reading_reward_sees_its_own_row_in_training_and_evaluation(tin
     assert r["response_length_max"] >= r["response_length"] > 0
   evals_rows = [json.loads(x) for x in open(os.path.join(tmp_path, "run", "eval_samples.jsonl"))]
   assert {r["prompt"] for r in evals_rows} <= {r["prompt"] for r in rows[48:]}  # The record's prompt as written.
+
+
+def test_a_crashing_or_hanging_reward_function_costs_samples_not_the_run(caplog):
+  import time
+
+  def crashes_on_b(prompts, completions):
+    if "b" in completions:
+      raise RuntimeError("boom")
+    return [1.0] * len(completions)
+
+  def hangs(prompts, completions):
+    time.sleep(5)
+    return [1.0] * len(completions)
+
+  before = sum(functions.FAILURES.values())
+  with caplog.at_level("WARNING"):
+    v = functions.values([("crashes_on_b", crashes_on_b, 1.0), ("hangs", hangs, 1.0)], ["p"] * 3, ["a", "b", "c"],
+                         timeout=0.5)
+  np.testing.assert_array_equal(v[:, 0], [1.0, np.nan, 1.0])  # Only the sample it crashes on.
+  assert np.isnan(v[:, 1]).all()
+  assert sum(functions.FAILURES.values()) - before == 4
+  text = " ".join(r.getMessage() for r in caplog.records)
+  assert "reward function crashes_on_b failed (RuntimeError: boom)" in text and "hangs: no result within" in text
