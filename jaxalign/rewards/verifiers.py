@@ -12,6 +12,9 @@ none, so it is left out of the mean). Name them on the command line:
 * `math_answer`: equivalence of boxed / LaTeX / numeric answers with `math-verify` (Hugging Face's
   verifier, the field's standard: 1/2, 0.5 and \\frac{1}{2} agree), else 0.0.
 * `answer_format`: 1.0 when the completion holds its answer in `<answer>...</answer>` or `\\boxed{...}`.
+* `code_tests` (in `jaxalign.rewards.sandbox`, re-exported here): the fraction of the row's `tests` (assert
+  snippets) the completion's code passes, each row in a sandboxed subprocess (timeout, memory, no network,
+  no writes outside its temporary directory).
 
 A verifier never raises on malformed output: a completion it cannot read scores 0.0.
 """
@@ -19,6 +22,8 @@ A verifier never raises on malformed output: a completion it cannot read scores 
 from __future__ import annotations
 
 import re
+
+from jaxalign.rewards.sandbox import code_tests  # noqa: F401  (nameable as jaxalign.rewards.verifiers:code_tests)
 
 _BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
 _TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
