@@ -36,10 +36,11 @@ class SampledEval:
   def __post_init__(self):
     r = self.rollout
     cfg, stops, pad = self.model_cfg, stop_ids(self.tok), self.tok.pad_token_id
+    self.k = int(self.config.eval.get("samples_per_prompt", 1))
 
     def fn(params, frozen, batch, key):
       s, *seqs = policy.sample(cfg, params, batch["prompts"], batch["prompt_mask"], key, r, stop_ids=stops,
-                               pad_id=pad)
+                               pad_id=pad, num_samples=self.k)
       p = batch["prompts"].shape[1]
       lp_BN = policy.response_logprobs(cfg, params, *seqs, p, r.temperature)
       ref_BN, scores_B = policy.frozen_passes(cfg, frozen, tuple(seqs), lp_BN, p, r.temperature)
@@ -77,9 +78,10 @@ class SampledEval:
       bs = sharding.batch_sharding(self.mesh)
       batch = {"prompts": jax.make_array_from_process_local_data(bs, toks[sl]),
                "prompt_mask": jax.make_array_from_process_local_data(bs, mask[sl])}
-      out = {k: v[:real] for k, v in fetch(self._fn(params, frozen, batch, jax.random.fold_in(key, s))).items()}
+      kk = self.k  # Samples per prompt: rows i * kk + j.
+      out = {k: v[:real * kk] for k, v in fetch(self._fn(params, frozen, batch, jax.random.fold_in(key, s))).items()}
       comps = reward_functions.decode(self.tok, out["tokens"], out["mask"])
-      prompts, columns = reward_functions.expand(chunk[:real], 1)  # As in training: records as written.
+      prompts, columns = reward_functions.expand(chunk[:real], kk)  # As in training: records as written.
       texts = [p if isinstance(p, str) else str(p) for p in prompts]
       timeout = self.config.reward.get("timeout_s")
       scores = {f"reward/{name}": reward_functions.values([(name, f, w)], prompts, comps, columns, timeout)[:, 0]
@@ -89,10 +91,17 @@ class SampledEval:
           scores[k] = out[k]
       scores["response_length"] = out["mask"].sum(-1)
       scores["no_eos_fraction"] = 1 - out["finished"]
-      for k, v in scores.items():
+      for k, v in scores.items():  # Over all samples: mean@k when kk > 1.
         agg.setdefault(k, []).extend(map(float, v))
+      if kk > 1:  # pass@k: a prompt passes when any of its k samples reaches eval.pass_threshold.
+        for name, _, _ in self.functions:
+          v = np.asarray(scores[f"reward/{name}"], np.float64).reshape(real, kk)
+          hit = np.where(np.isnan(v), -np.inf, v) >= self.config.eval.get("pass_threshold", 1.0)
+          ok = np.where(np.isnan(v).all(-1), np.nan, hit.any(-1))
+          agg.setdefault(f"pass@{kk}/{name}", []).extend(map(float, ok))
       for i, (p, c) in enumerate(zip(texts, comps)):
-        rows.append({"prompt": p, "completion": c, **{k: float(v[i]) for k, v in scores.items()}})
+        rows.append({"prompt": p, "completion": c, **({"sample": i % kk} if kk > 1 else {}),
+                     **{k: float(v[i]) for k, v in scores.items()}})
       if bar is not None:
         bar.update(real)
     if bar is not None:

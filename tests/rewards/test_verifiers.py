@@ -102,3 +102,26 @@ def test_a_crashing_or_hanging_reward_function_costs_samples_not_the_run(caplog)
   assert sum(functions.FAILURES.values()) - before == 4
   text = " ".join(r.getMessage() for r in caplog.records)
   assert "reward function crashes_on_b failed (RuntimeError: boom)" in text and "hangs: no result within" in text
+
+
+def even_length(prompts, completions, **_):
+  return [float(len(c) % 2 == 0) for c in completions]
+
+
+def test_evaluate_reports_pass_at_k_and_mean_at_k(tiny, tmp_path):
+  from jaxalign.loops import evaluate
+  from tests.conftest import load_config
+  from tests import fixtures
+
+  rows = [{"prompt": r["prompt"], "answer": "x"} for r in fixtures.prompt_completion_rows(12)]
+  data = fixtures.write_jsonl(str(tmp_path / "eval.jsonl"), rows)
+  cfg = load_config("evaluate", "tiny", model__init=tiny["model"], data__eval=data, eval__samples_per_prompt=3,
+                    reward__eval_functions=("tests.rewards.test_verifiers:even_length",), eval__batch_size=8,
+                    rollout__prompt_len=24, train__seq_len=40, logging__progress=False, logging__tensorboard=False)
+  metrics = evaluate.run(cfg, str(tmp_path / "ev"))
+  samples = [json.loads(x) for x in open(tmp_path / "ev" / "samples.jsonl")]
+  assert len(samples) == 36 and [s["sample"] for s in samples[:4]] == [0, 1, 2, 0]
+  v = np.asarray([s["reward/even_length"] for s in samples]).reshape(12, 3)
+  assert metrics["reward/even_length"] == pytest.approx(v.mean())  # mean@3
+  assert metrics["pass@3/even_length"] == pytest.approx((v >= 1.0).any(-1).mean())
+  assert metrics["pass@3/even_length_se"] >= 0.0
