@@ -30,6 +30,8 @@ def get_config(arg: str | None = None):
   c.grpo.kl_coef = 0.04  # k3 KL to the reference in the loss; 0 = no reference held.
   c.grpo.overlong_fraction = 0.0  # > 0: DAPO overlong shaping over this last fraction of the response budget.
   c.grpo.overlong_penalty = 1.0  # The shaping's full penalty, reached at the budget.
+  c.grpo.dynamic_sampling = False  # DAPO: drop groups of equal rewards, sample more prompts to refill.
+  c.grpo.max_rollouts = 3  # Dynamic sampling's cap on rollouts per iteration.
   c.grpo.epochs = 1
   c.grpo.minibatches = 1
   sized(c, size)  # Before the variant: a variant's defining settings (DAPO's no-KL) win over a size's.
@@ -40,6 +42,7 @@ def get_config(arg: str | None = None):
   elif variant == "dapo":
     c.grpo.clip_high, c.grpo.loss_norm, c.grpo.kl_coef = 0.28, "global_token", 0.0
     c.grpo.overlong_fraction = 0.2  # The paper's 4,096 of 20,480 tokens.
+    c.grpo.dynamic_sampling = True
   elif variant == "gspo":
     c.grpo.importance, c.grpo.clip_low, c.grpo.clip_high = "sequence", 3e-4, 4e-4
   if size == "tiny":

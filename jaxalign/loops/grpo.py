@@ -28,6 +28,7 @@ class Iteration:
     self.rollout, self.update, self.functions, self.timeout = rollout, update, functions, timeout
     self.tok, self.mesh, self.response_len, self.group = tok, mesh, response_len, group
     self.source = None  # The prompt iterator (its `last` examples give the records' prompts and columns).
+    self.dynamic = None  # {'max_rollouts': n}: DAPO's dynamic sampling (jit_iteration sets it and its programs).
 
   def rewards(self, ro) -> jax.Array:
     """[B, F] reward-function values as a global array: each process decodes and scores its own rows (one
@@ -47,10 +48,40 @@ class Iteration:
 
   def __call__(self, state, batch):
     failed = sum(reward_functions.FAILURES.values())
-    state, metrics = grpo_steps.grpo_iteration(state, batch, rollout=self.rollout, rewards=self.rewards,
-                                               update=self.update)
+    if self.dynamic is None or self.source is None:
+      state, metrics = grpo_steps.grpo_iteration(state, batch, rollout=self.rollout, rewards=self.rewards,
+                                                 update=self.update)
+    else:
+      state, metrics = self._dynamic(state, batch)
     if self.functions:  # Samples whose reward function crashed or timed out (logged where it happened).
       metrics["reward_failures"] = float(sum(reward_functions.FAILURES.values()) - failed)
+    return state, metrics
+
+  def _dynamic(self, state, batch):
+    """DAPO's dynamic sampling: groups whose rewards are all equal are dropped and more prompts are sampled
+    (at most `max_rollouts` rollouts per iteration) until the batch's groups are all informative; short of
+    that, the batch is filled with dropped groups (zero advantage: they add nothing to the gradient). The
+    update sees the usual fixed shape (no recompile). Metrics: rollouts drawn and the fraction of groups that
+    had to be dropped."""
+    want = batch["prompts"].shape[0]
+    ros, vals, keep = [], [], []
+    for r in range(self.dynamic["max_rollouts"]):
+      if r:  # More prompts from the same iterator (its position is checkpointed with the run).
+        batch = driver.to_device(next(self.source), self.mesh)
+      st = state if r == 0 else state._replace(rng=self.salt(state.rng, r))
+      ro = self.rollout(st, batch)
+      v = self.rewards(ro)
+      ros.append(ro)
+      vals.append(v)
+      keep.append(np.asarray(jax.device_get(self.informative(ro, v, has_model="reward" in (state.frozen or {})))))
+      if sum(int(k.sum()) for k in keep) >= want:
+        break
+    flags = np.concatenate(keep)
+    order = np.concatenate([np.flatnonzero(flags), np.flatnonzero(~flags)])[:want]  # Informative first.
+    ro, v = self.take(ros, vals, order)
+    state, metrics = self.update(state, ro, v)
+    metrics["dynamic_rollouts"] = float(len(ros))
+    metrics["dropped_groups"] = float(1.0 - flags.mean())
     return state, metrics
 
   def compiles(self) -> int:
@@ -72,8 +103,17 @@ def jit_iteration(state, mesh, model_cfg, config, rollout_cfg, tx, schedule, fun
                                      fn_weights=tuple(w for _, _, w in functions),
                                      model_weight=config.reward.model_weight),
                    in_shardings=(state_sh, bs, bs), out_shardings=(state_sh, rep), donate_argnums=(0,))
-  return Iteration(rollout, update, functions, tok, mesh, rollout_cfg.max_new_tokens, g.group_size,
-                   config.reward.get("timeout_s"))
+  it = Iteration(rollout, update, functions, tok, mesh, rollout_cfg.max_new_tokens, g.group_size,
+                 config.reward.get("timeout_s"))
+  if g.get("dynamic_sampling", False):
+    weights = tuple(w for _, _, w in functions)
+    it.dynamic = {"max_rollouts": max(1, int(g.get("max_rollouts", 3)))}
+    it.informative = jax.jit(functools.partial(grpo_steps.informative_groups, group_size=g.group_size,
+                                               fn_weights=weights, model_weight=config.reward.model_weight),
+                             static_argnames=("has_model",), out_shardings=rep)
+    it.take = jax.jit(functools.partial(grpo_steps.take_groups, group_size=g.group_size), out_shardings=(bs, bs))
+    it.salt = jax.jit(lambda key, r: jax.random.fold_in(key, 1_000_003 + r), out_shardings=rep)
+  return it
 
 
 def build(config, workdir: str, *, mesh=None, abstract: bool = False) -> driver.Parts:

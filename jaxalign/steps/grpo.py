@@ -78,6 +78,22 @@ def total_rewards(rollout: Rollout, fn_values_BF, fn_weights_F, model_weight: fl
   return rewards_B + model_weight * rollout.scores_B if has_model else rewards_B
 
 
+def informative_groups(rollout: Rollout, fn_values_BF, *, group_size: int, fn_weights=(),
+                       model_weight: float = 1.0, has_model: bool = False):
+  """[B / G] bool: the groups whose G total rewards are not all equal (DAPO's dynamic sampling keeps only these:
+  a group of equal rewards has zero advantages and teaches nothing)."""
+  r = total_rewards(rollout, fn_values_BF, np.asarray(fn_weights, np.float32).reshape(-1), model_weight, has_model)
+  r = r.reshape(-1, group_size)
+  return ~jnp.all(r == r[:, :1], axis=-1)
+
+
+def take_groups(rollouts: list[Rollout], values: list, groups, group_size: int):
+  """The rows of the given groups (indices into the concatenation of `rollouts`), as one Rollout and values."""
+  rows = (jnp.asarray(groups)[:, None] * group_size + jnp.arange(group_size)[None, :]).reshape(-1)
+  cat = jax.tree.map(lambda *x: jnp.concatenate(x, axis=0), *rollouts)
+  return jax.tree.map(lambda x: x[rows], cat), jnp.concatenate(values, axis=0)[rows]
+
+
 def grpo_update(state: TrainState, rollout: Rollout, fn_values_BF, *, cfg, grpo_cfg, temperature: float, tx,
                 schedule=None, fn_names=(), fn_weights=(), model_weight: float = 1.0) -> tuple[TrainState, dict]:
   """Rewards from the reward functions' values [B, F] (and the reward model's scores), group advantages,

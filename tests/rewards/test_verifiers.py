@@ -125,3 +125,48 @@ def test_evaluate_reports_pass_at_k_and_mean_at_k(tiny, tmp_path):
   assert metrics["reward/even_length"] == pytest.approx(v.mean())  # mean@3
   assert metrics["pass@3/even_length"] == pytest.approx((v >= 1.0).any(-1).mean())
   assert metrics["pass@3/even_length_se"] >= 0.0
+
+
+def test_informative_groups_and_take_groups():
+  import jax.numpy as jnp
+  from jaxalign.steps import grpo
+  from jaxalign.steps.policy import Rollout
+
+  def ro(tag, n):
+    z = jnp.zeros((n, 2))
+    return Rollout(jnp.full((n, 3), tag), z, z, z, z, None, jnp.zeros(n), jnp.ones(n, bool))
+
+  v1 = jnp.asarray([[1.0], [1.0], [0.0], [1.0]])  # Groups of 2: (1, 1) equal, (0, 1) informative.
+  keep = grpo.informative_groups(ro(0, 4), v1, group_size=2, fn_weights=(1.0,))
+  assert keep.tolist() == [False, True]
+  v2 = jnp.asarray([[0.0], [2.0], [3.0], [3.0]])
+  out, vals = grpo.take_groups([ro(1, 4), ro(2, 4)], [v1, v2], jnp.asarray([1, 2]), 2)
+  assert out.tokens_BS[:, 0].tolist() == [1, 1, 2, 2] and vals[:, 0].tolist() == [0.0, 1.0, 0.0, 2.0]
+
+
+def even_prompt_constant(prompts, completions, id, **_):
+  """Rows with an even id get a constant reward (their groups carry no signal); odd ones vary."""
+  return [1.0 if i % 2 == 0 else float(len(c) % 2) for c, i in zip(completions, id)]
+
+
+def test_dynamic_sampling_drops_constant_groups_and_refills(tiny, tmp_path):
+  from jaxalign.loops import stages
+  from tests.conftest import load_config
+  from tests import fixtures
+
+  rows = [{"prompt": r["prompt"], "id": i} for i, r in enumerate(fixtures.prompt_completion_rows(64))]
+  train = fixtures.write_jsonl(str(tmp_path / "train.jsonl"), rows)
+  cfg = load_config("grpo", "tiny", model__init=tiny["model"], data__train=train, data__eval_fraction=0.0,
+                    reward__functions=("tests.rewards.test_verifiers:even_prompt_constant",), train__steps=3,
+                    eval__every=0, checkpoint__every=100, logging__progress=False, logging__tensorboard=False,
+                    logging__every=1, export__hf=False, grpo__kl_coef=0.0, grpo__dynamic_sampling=True,
+                    grpo__max_rollouts=3, rollout__prompt_len=24, train__seq_len=40)
+  stages.train(cfg, str(tmp_path / "run"))
+  train_rows = [r for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if r["split"] == "train"]
+  assert len(train_rows) == 3
+  for r in train_rows:
+    assert r["dropped_groups"] >= 0.3  # About half the prompts have even ids: their groups are dropped.
+    assert r["dynamic_rollouts"] >= 2  # So more prompts were drawn to refill the batch.
+    assert r["zero_variance_groups"] <= r["dropped_groups"]  # The update's batch holds fewer of them.
+  summary = [r for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if r["split"] == "summary"]
+  assert summary and summary[0]["compiles"] <= 2 + 0  # Rollout and update compiled once each.
