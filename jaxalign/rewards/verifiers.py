@@ -32,7 +32,8 @@ _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
 
 def final_answer(completion: str) -> str:
   """The answer a completion commits to: the last <answer>...</answer>, else the last \\boxed{...}, else the
-  text after a final 'answer is' / '####' (GSM8K), else the last number, else the stripped text."""
+  text after a final 'answer is' / '####' (GSM8K), else the whole text when it has no letters (a bare
+  answer), else its last number, else the stripped text."""
   for pattern in (_TAG, _BOXED):
     found = pattern.findall(completion)
     if found:
@@ -40,6 +41,8 @@ def final_answer(completion: str) -> str:
   m = re.search(r"(?:answer is|####)\s*:?\s*(.+)$", completion.strip(), re.I | re.S)
   if m:
     return m.group(1).strip().rstrip(".")
+  if not re.search(r"[A-Za-z]", completion):  # A bare answer ("42", "2 8", "-1/2"): all of it.
+    return completion.strip()
   nums = _NUMBER.findall(completion)
   return nums[-1] if nums else completion.strip()
 

@@ -170,3 +170,20 @@ def test_dynamic_sampling_drops_constant_groups_and_refills(tiny, tmp_path):
     assert r["zero_variance_groups"] <= r["dropped_groups"]  # The update's batch holds fewer of them.
   summary = [r for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if r["split"] == "summary"]
   assert summary and summary[0]["compiles"] <= 2 + 0  # Rollout and update compiled once each.
+
+
+def test_arithmetic_task_is_verifiable_and_its_splits_are_disjoint(tmp_path):
+  from jaxalign.data.tasks import arithmetic
+
+  p = arithmetic.write_task(str(tmp_path), seed=3, n_sft=300, n_prompts=100, n_eval=50)
+  load = lambda k: [json.loads(x) for x in open(p[k])]  # noqa: E731
+  train, evals, sft = load("prompts_train"), load("prompts_eval"), load("sft_train")
+  assert len(train) == 100 and len(evals) == 50 and len(sft) == 300
+  assert not {r["prompt"] for r in evals} & ({r["prompt"] for r in train} | {r["prompt"] for r in sft})
+  for r in train:
+    a, b = (int(x.replace(" ", "")) for x in r["prompt"].rstrip(" =").split(" + "))
+    assert int(r["answer"].replace(" ", "")) == a + b
+  # The references pass the verifier; a wrong answer does not.
+  assert verifiers.exact_answer(None, [" " + r["answer"] for r in evals], answer=[r["answer"] for r in evals]) == \
+      [1.0] * 50
+  assert verifiers.exact_answer(None, ["1 2"], answer=["1 3"]) == [0.0]
