@@ -259,7 +259,7 @@ def _run(parts: Parts, config, workdir: str) -> TrainState:
     progress.close()
   best_step = ckpt.best_step() if c.best_metric else None
   ckpt.close()
-  if best_step is not None and best is not None:  # What a later stage loads from this run (checkpoint.chosen_step).
+  if best_step is not None:  # What a later stage loads from this run (checkpoint.chosen_step), resumed or not.
     best_value = _best_value(workdir, parts.name, c.best_metric, best_step)
     if best_value is not None:
       checkpoint.update_run_info(workdir, best={"step": int(best_step), "metric": c.best_metric, "value": best_value})
