@@ -71,8 +71,14 @@ def compile_plan(config, topology: str = "", num_slices: int = 1, *, extrapolate
     for name, row in out["programs"].items():
       if name in times[0] and name in times[1]:
         (t1, b1), (t2, b2) = times[0][name], times[1][name]
-        row["step_seconds"] = t1 + (layers - 1) * (t2 - t1)
-        row["step_seconds_from"] = f"unrolled 1- and 2-layer compiles: {t1:.4g} + {layers - 1} x ({t2:.4g} - {t1:.4g})"
+        if t1 > 0 and t2 > t1:
+          row["step_seconds"] = t1 + (layers - 1) * (t2 - t1)
+          row["step_seconds_from"] = (f"unrolled 1- and 2-layer compiles: {t1:.4g} + {layers - 1} x "
+                                      f"({t2:.4g} - {t1:.4g})")
+        else:  # Seen with libtpu 0.0.42 on v5e-256: negative times. No time rather than a wrong one.
+          row.pop("step_seconds", None)
+          row["step_seconds_from"] = (f"none: the cost model gave {t1:.4g} s (1 layer) and {t2:.4g} s (2 layers) "
+                                      "for this topology")
         row["collective_bytes_per_step"] = {op: b1.get(op, 0) + (layers - 1) * (b2.get(op, 0) - b1.get(op, 0))
                                             for op in sorted(set(b1) | set(b2))}
   for name, row in out["programs"].items():
@@ -98,7 +104,7 @@ def _row(compiled, topo) -> dict:
     row["peak_bytes"] = row["argument_bytes"] + row["output_bytes"] - row["alias_bytes"] + row["temp_bytes"]
   cost = _cost(compiled)
   row["xla_flops_per_device"] = float(cost.get("flops", 0.0))
-  if topo is not None and cost.get("optimal_seconds"):
+  if topo is not None and cost.get("optimal_seconds", 0) > 0:
     row["step_seconds"] = float(cost["optimal_seconds"])
     row["step_seconds_from"] = "XLA's TPU cost model (a scanned layer body counted once)"
   hlo = compiled.as_text() or ""

@@ -22,8 +22,10 @@ def _rows(wd, split):
 def test_reward_model_via_cli_matches_gold_and_exports(task_sft, task_rm):
   wd = task_rm  # Trained by `launch/train.py --config=configs/reward.py:tiny` (see conftest.task_rm).
   run = json.load(open(os.path.join(wd, "run.json")))
-  assert run["sources"]["model"] == {"path": os.path.abspath(task_sft["sft"]), "step": 150, "kind": "jaxalign",
-                                     "stage": "sft"}
+  source = dict(run["sources"]["model"])
+  chosen = source.pop("checkpoint")  # SFT keeps its best checkpoint by eval loss: the last one here.
+  assert source == {"path": os.path.abspath(task_sft["sft"]), "step": 150, "kind": "jaxalign", "stage": "sft"}
+  assert chosen == "latest" or chosen.startswith("best eval/loss="), chosen
   acc = _rows(wd, "eval")[-1]["accuracy"]
   agree = json.load(open(task_sft["info"]))["label_agreement_eval"]
   print(f"reward model held-out accuracy {acc:.3f} vs gold label agreement {agree:.3f}")
