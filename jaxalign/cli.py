@@ -19,6 +19,24 @@ from jaxalign import configs, errors
 USAGE = "usage: jaxalign {train,evaluate,pipeline} --config=STAGE|FILE --workdir=DIR [--config.key=value ...]"
 
 
+def _skip_absent_tpu() -> None:
+  """With libtpu installed (the test extra brings it, for compile plans) but no TPU attached, jax would try the
+  TPU backend first and libtpu would print its initialisation failures (TPU_ACCELERATOR_TYPE, worker
+  hostnames, 'No jellyfish device found'): noise a newcomer reads as a bug. When JAX_PLATFORMS is unset and
+  the machine has no TPU device files, pick the platforms explicitly: CUDA (if its jax plugin is installed)
+  and the CPU. A TPU VM (/dev/accel*, /dev/vfio/N) and an explicit JAX_PLATFORMS are left alone."""
+  import glob
+  import importlib.util
+  import os
+
+  if "JAX_PLATFORMS" in os.environ or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+    return
+  if importlib.util.find_spec("libtpu") is None:
+    return
+  cuda = any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+  os.environ["JAX_PLATFORMS"] = "cuda,cpu" if cuda else "cpu"
+
+
 def _resolve_config_arg(argv: list[str], default: str | None = None) -> list[str]:
   """`--config=sft` -> `--config=<installed sft.py>`; a path stays as given; a default when absent."""
   out, seen = [], False
@@ -34,6 +52,7 @@ def _resolve_config_arg(argv: list[str], default: str | None = None) -> list[str
 
 def train(argv: list[str] | None = None) -> None:
   """`launch/train.py`: one stage, or its compile plan with --dry_run."""
+  _skip_absent_tpu()
   from absl import app, flags, logging
   from ml_collections import config_flags
 
@@ -71,6 +90,7 @@ def train(argv: list[str] | None = None) -> None:
 
 def pipeline(argv: list[str] | None = None) -> None:
   """`launch/pipeline.py`: the quickstart, SFT -> reward model -> DPO, PPO, GRPO -> evaluation -> report."""
+  _skip_absent_tpu()
   from absl import app, flags
   from ml_collections import config_flags
 
