@@ -45,11 +45,20 @@ def _commands(doc: str) -> list[list[str]]:
   for block in _blocks(doc, "bash"):
     text = re.sub(r"\\\n\s*", " ", block)
     for line in text.splitlines():
-      line = line.split("#", 1)[0].strip() if not line.strip().startswith("#") else ""
-      for part in re.split(r"&&|;", line):
-        words = shlex.split(part.replace("$((8/F))", "1").replace("$F", "8").replace("$stage", "sft"))
-        if "launch/train.py" in words or words[:2] == ["jaxalign", "train"]:
-          out.append(words)
+      if line.strip().startswith("#") or not ("launch/train.py" in line or "jaxalign train" in line):
+        continue
+      lex = shlex.shlex(line.replace("$((8/F))", "1").replace("$F", "8").replace("$stage", "sft"), posix=True,
+                        punctuation_chars=";&")
+      lex.whitespace_split = True
+      lex.commenters = "#"
+      words: list[str] = []
+      for w in list(lex) + [";"]:  # Commands joined by ; or && are checked one by one.
+        if w in (";", "&&", "&"):
+          if "launch/train.py" in words or words[:2] == ["jaxalign", "train"]:
+            out.append(words)
+          words = []
+        else:
+          words.append(w)
   return out
 
 
