@@ -183,7 +183,7 @@ def test_preference_stage_given_prompt_only_data_names_the_fields(tiny, tmp_path
   cfg = load_config("dpo", "tiny", data__train=str(path), model__tokenizer=tiny["tokenizer"])
   import transformers
   tok = transformers.AutoTokenizer.from_pretrained(tiny["tokenizer"])
-  with pytest.raises(DataError, match=r"prompts.jsonl row \d+: a preference stage needs 'chosen' and 'rejected'"):
+  with pytest.raises(DataError, match=r"prompts.jsonl line \d+: a preference stage needs 'chosen' and 'rejected'"):
     datasets.pair_examples(cfg, tok)
 
 
