@@ -46,6 +46,8 @@ def load_config(name: str, variant: str | None = None, **overrides):
   path has its own tests (explicit meshes here, the CLI and multi-process runs)."""
   if not any(k.startswith("mesh__") for k in overrides):
     overrides = {"mesh__data": -1, "mesh__fsdp": 1, **overrides}
+  # In-process runs skip the end-of-run report's plot (matplotlib, ~2 s a run); its own test turns it on.
+  overrides = {"logging__report": False, **overrides}
   import importlib.util
 
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

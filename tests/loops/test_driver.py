@@ -130,25 +130,25 @@ def test_checkpoint_of_an_earlier_layout_is_refused_with_a_message(task_sft, tmp
 
 def test_next_stage_loads_the_best_checkpoint_and_run_json_says_which(tiny, tmp_path):
   """With checkpoint.best_metric set, run.json records the best kept step and a later stage loads it, not the
-  latest (best_mode=max on the falling eval loss makes the first eval the best: step 2 of 6)."""
+  latest (best_mode=max on the falling eval loss makes the first eval the best: step 2 of 4)."""
   from jaxalign import checkpoint
   from jaxalign.loops import setup
 
   wd = str(tmp_path / "sft")
   cfg = load_config("sft", "tiny", model__init=tiny["model"], data__train=tiny["train"], data__eval=tiny["eval"],
-                    train__steps=6, train__batch_size=8, eval__every=2, checkpoint__every=2, checkpoint__keep=3,
+                    train__steps=4, train__batch_size=8, eval__every=2, checkpoint__every=2, checkpoint__keep=3,
                     checkpoint__best_metric="eval/loss", checkpoint__best_mode="max", logging__progress=False,
-                    logging__tensorboard=False, export__hf=False)
+                    logging__tensorboard=False, export__hf=False, logging__report=True)
   stages.train(cfg, wd)
   evals = {r["step"]: r["loss"] for r in _rows(wd, "eval")}
   best = json.load(open(os.path.join(wd, "run.json")))["best"]
   assert best["step"] == max(evals, key=evals.get) == 2 and best["value"] == pytest.approx(evals[2])
-  assert Checkpointer(os.path.join(wd, "checkpoints")).latest_step() == 6
+  assert Checkpointer(os.path.join(wd, "checkpoints")).latest_step() == 4
   report = open(os.path.join(wd, "report.md")).read()  # Every finished run writes its own small report.
-  assert "![curves](curves.png)" in report and "## last eval row (step 6)" in report and "| loss |" in report
+  assert "![curves](curves.png)" in report and "## last eval row (step 4)" in report and "| loss |" in report
   assert open(os.path.join(wd, "curves.png"), "rb").read(4) == b"\x89PNG"
   model_cfg = setup.resolve_model_config(wd, cfg.model)
   params, source = setup.load_model(wd, model_cfg, setup.make_mesh(cfg), jax.random.PRNGKey(0))
   assert source["step"] == 2 and source["checkpoint"].startswith("best eval/loss=")
-  _, latest = checkpoint.restore_params_from_run(wd, {"model": params["model"]}, step=6)
-  assert latest == 6
+  _, latest = checkpoint.restore_params_from_run(wd, {"model": params["model"]}, step=4)
+  assert latest == 4
