@@ -25,6 +25,9 @@ def test_pipeline_raises_gold_reward_over_sft(tmp_path):
     assert table[m]["fluent"] > 0.6, m  # Gains are not bought with word salad.
   assert summary["rm_accuracy"] > 0.6
   assert os.path.exists(os.path.join(wd, "report.md")) and os.path.exists(os.path.join(wd, "gold_vs_kl.png"))
+  assert "[pipeline] stage 1/9 sft" in out.stdout and "[pipeline] stage 9/9 eval grpo" in out.stdout
+  assert "Traceback" not in out.stderr and "TPU_ACCELERATOR_TYPE" not in out.stderr
+  assert " ± " in open(os.path.join(wd, "report.md")).read()  # Means with their standard errors.
   # Rerunning the same command skips finished stages.
   again = subprocess.run([sys.executable, "launch/pipeline.py", "--config=configs/quickstart.py:test",
                           f"--workdir={wd}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

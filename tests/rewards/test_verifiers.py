@@ -108,7 +108,7 @@ def even_length(prompts, completions, **_):
   return [float(len(c) % 2 == 0) for c in completions]
 
 
-def test_evaluate_reports_pass_at_k_and_mean_at_k(tiny, tmp_path):
+def test_evaluate_reports_pass_at_k_and_mean_at_k(tiny, tmp_path, capfd):
   from jaxalign.loops import evaluate
   from tests.conftest import load_config
   from tests import fixtures
@@ -117,8 +117,9 @@ def test_evaluate_reports_pass_at_k_and_mean_at_k(tiny, tmp_path):
   data = fixtures.write_jsonl(str(tmp_path / "eval.jsonl"), rows)
   cfg = load_config("evaluate", "tiny", model__init=tiny["model"], data__eval=data, eval__samples_per_prompt=3,
                     reward__eval_functions=("tests.rewards.test_verifiers:even_length",), eval__batch_size=8,
-                    rollout__prompt_len=24, train__seq_len=40, logging__progress=False, logging__tensorboard=False)
+                    rollout__prompt_len=24, train__seq_len=40, logging__progress=True, logging__tensorboard=False)
   metrics = evaluate.run(cfg, str(tmp_path / "ev"))
+  assert "evaluate: 100%" in capfd.readouterr().err  # A progress bar with rate and ETA (tqdm).
   samples = [json.loads(x) for x in open(tmp_path / "ev" / "samples.jsonl")]
   assert len(samples) == 36 and [s["sample"] for s in samples[:4]] == [0, 1, 2, 0]
   v = np.asarray([s["reward/even_length"] for s in samples]).reshape(12, 3)
