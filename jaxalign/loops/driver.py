@@ -166,6 +166,8 @@ def _run(parts: Parts, config, workdir: str) -> TrainState:
                  batches.state())
     if int(jax.device_get(state.step)) < int(config.train.steps):
       writer.resume_at(latest)  # Rows after the checkpoint are replayed: keep each step once.
+  else:  # No checkpoint: rows of an attempt killed before its first save are all replayed.
+    writer.resume_at(-1)
   start = int(jax.device_get(state.step))
   total = int(config.train.steps)
   stop_at = min(total, start + config.train.run_steps) if config.train.run_steps else total
