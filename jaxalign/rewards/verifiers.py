@@ -61,21 +61,23 @@ def _number(s) -> float | None:
     return None
 
 
-def exact_answer(prompts, completions, answer=None, **_):
+def _per_row(completions, answer, check) -> list:
+  """check(completion, reference) per row; None where the row has no reference."""
   answers = answer if answer is not None else [None] * len(completions)
-  return [None if a is None else float(_norm(final_answer(c)) == _norm(a)) for c, a in zip(completions, answers)]
+  return [None if a is None else float(check(c, a)) for c, a in zip(completions, answers)]
+
+
+def exact_answer(prompts, completions, answer=None, **_):
+  return _per_row(completions, answer, lambda c, a: _norm(final_answer(c)) == _norm(a))
+
+
+def _numbers_agree(c, a) -> bool:
+  x, y = _number(final_answer(c)), _number(a)
+  return x is not None and y is not None and abs(x - y) <= 1e-6 * max(1.0, abs(y))
 
 
 def numeric_answer(prompts, completions, answer=None, **_):
-  answers = answer if answer is not None else [None] * len(completions)
-  out = []
-  for c, a in zip(completions, answers):
-    if a is None:
-      out.append(None)
-      continue
-    x, y = _number(final_answer(c)), _number(a)
-    out.append(float(x is not None and y is not None and abs(x - y) <= 1e-6 * max(1.0, abs(y))))
-  return out
+  return _per_row(completions, answer, _numbers_agree)
 
 
 def math_answer(prompts, completions, answer=None, **_):
@@ -83,18 +85,14 @@ def math_answer(prompts, completions, answer=None, **_):
     from math_verify import parse, verify
   except ImportError as e:  # An optional dependency: say how to get it.
     raise ImportError("jaxalign.rewards.verifiers:math_answer needs math-verify: pip install math-verify") from e
-  answers = answer if answer is not None else [None] * len(completions)
-  out = []
-  for c, a in zip(completions, answers):
-    if a is None:
-      out.append(None)
-      continue
+
+  def check(c, a):
     try:
-      gold = parse(a if "$" in str(a) or "\\" in str(a) else f"${a}$")
-      out.append(float(bool(verify(gold, parse(c)))))
+      return bool(verify(parse(a if "$" in str(a) or "\\" in str(a) else f"${a}$"), parse(c)))
     except Exception:  # Malformed output costs this sample its reward, never the run.
-      out.append(0.0)
-  return out
+      return False
+
+  return _per_row(completions, answer, check)
 
 
 def answer_format(prompts, completions, **_):
