@@ -131,6 +131,12 @@ def online(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.reward.timeout_s = 300.0  # A reward function's call past this many seconds costs its batch's rewards.
   c.reference = ml_collections.ConfigDict()
   c.reference.init = ""  # "" = model.init.
+  c.env = ml_collections.ConfigDict()  # Multi-turn episodes (GRPO and evaluate; jaxalign.rewards.environments).
+  c.env.name = ""  # "" = single-turn; 'calculator' | 'python' | 'module:Factory'.
+  c.env.max_turns = 4  # Policy turns per episode.
+  c.env.turn_tokens = 64  # New tokens per policy turn (the episode's budget is train.seq_len - rollout.prompt_len).
+  c.env.reward_weight = 1.0  # Weight of the environment's reward (logged as reward/env).
+  c.env.observation_role = "tool"  # Chat-template role of observations (falls back to "user").
   c.train.steps = 100  # Iterations (rollout + update).
   c.checkpoint.every = 50
   c.eval.every = 25

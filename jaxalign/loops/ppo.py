@@ -66,6 +66,9 @@ def jit_iteration(state, mesh, model_cfg, config, rollout_cfg, policy_opt, value
 def build(config, workdir: str, *, mesh=None, abstract: bool = False) -> driver.Parts:
   if not config.reward.init and not abstract:
     raise ConfigError("PPO needs reward.init: a reward-model run directory or HF sequence-classification model")
+  if config.env.name:  # A value model over observation tokens is not built; GRPO needs none.
+    raise ConfigError(f"env.name={config.env.name!r}: multi-turn episodes are built for GRPO and evaluate, not PPO "
+                      "(use configs/grpo.py)")
   ro = rollout_settings(config)
   mesh, tok, model_cfg, params, source = setup.prepare(config, workdir, mesh=mesh, abstract=abstract)
   frozen, sources = setup.load_frozen(config, model_cfg, mesh, reference=True, reward=True, abstract=abstract)

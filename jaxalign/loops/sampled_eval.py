@@ -53,6 +53,29 @@ class SampledEval:
 
     # Outputs replicated: every process sees every row (small), so metrics agree across processes.
     self._fn = jax.jit(fn, out_shardings=sharding.replicated(self.mesh))
+    self.episodes = None
+    if self.config.get("env") and self.config.env.name:  # Multi-turn: the same episodes as in training.
+      from jaxalign.loops.episodes import Episodes
+      self.episodes = Episodes(cfg, r, self.config.env, self.tok, self.mesh, stop_ids=stops, pad_id=pad,
+                               group=self.k, policy_logprobs=True)
+
+      def summary(ro, env_rewards):
+        p = ro.tokens_BS.shape[1] - ro.mask_BN.shape[1]
+        out = {"tokens": ro.tokens_BS[:, p:], "mask": ro.segment_ids_BS[:, p:], "finished": ro.finished_B,
+               "env": env_rewards, "response_length": ro.mask_BN.sum(-1)}
+        if ro.ref_logp_BN is not None:
+          out["kl"] = jnp.sum((ro.old_logp_BN - ro.ref_logp_BN) * ro.mask_BN, -1)
+        if "reward" in (self.frozen or {}):
+          out["score"] = ro.scores_B
+        return out
+
+      self._summary = jax.jit(summary, out_shardings=sharding.replicated(self.mesh))
+
+  def _episodes(self, params, frozen, batch, chunk, key) -> dict:
+    """One batch of eval episodes, every row on every process (this process ran its own rows' episodes)."""
+    local = [chunk[i] for i in range(len(chunk))[batching.host_rows(len(chunk))]]
+    ro, env_rewards, _ = self.episodes.run(params, frozen, batch["prompts"], batch["prompt_mask"], local, key)
+    return self._summary(ro, env_rewards)
 
   def run(self, params, frozen=None, progress: str = "") -> tuple[dict, list[dict]]:
     """(metric means, one row per prompt: prompt, completion and its scores); `frozen` defaults to the models
@@ -79,22 +102,27 @@ class SampledEval:
       batch = {"prompts": jax.make_array_from_process_local_data(bs, toks[sl]),
                "prompt_mask": jax.make_array_from_process_local_data(bs, mask[sl])}
       kk = self.k  # Samples per prompt: rows i * kk + j.
-      out = {k: v[:real * kk] for k, v in fetch(self._fn(params, frozen, batch, jax.random.fold_in(key, s))).items()}
-      comps = reward_functions.decode(self.tok, out["tokens"], out["mask"])
+      k_s = jax.random.fold_in(key, s)
+      raw = self._fn(params, frozen, batch, k_s) if self.episodes is None else \
+          self._episodes(params, frozen, batch, chunk, k_s)
+      out = {k: v[:real * kk] for k, v in fetch(raw).items()}
+      comps = reward_functions.decode(self.tok, out["tokens"], out["mask"])  # With episodes: observations too.
       prompts, columns = reward_functions.expand(chunk[:real], kk)  # As in training: records as written.
       texts = [p if isinstance(p, str) else str(p) for p in prompts]
       timeout = self.config.reward.get("timeout_s")
       scores = {f"reward/{name}": reward_functions.values([(name, f, w)], prompts, comps, columns, timeout)[:, 0]
                 for name, f, w in self.functions}
+      if self.episodes is not None:
+        scores["reward/env"] = out["env"]
       for k in ("kl", "score"):
         if k in out:
           scores[k] = out[k]
-      scores["response_length"] = out["mask"].sum(-1)
+      scores["response_length"] = out.get("response_length", out["mask"].sum(-1))  # Policy tokens.
       scores["no_eos_fraction"] = 1 - out["finished"]
       for k, v in scores.items():  # Over all samples: mean@k when kk > 1.
         agg.setdefault(k, []).extend(map(float, v))
       if kk > 1:  # pass@k: a prompt passes when any of its k samples reaches eval.pass_threshold.
-        for name, _, _ in self.functions:
+        for name in [n for n, _, _ in self.functions] + (["env"] if self.episodes is not None else []):
           v = np.asarray(scores[f"reward/{name}"], np.float64).reshape(real, kk)
           hit = np.where(np.isnan(v), -np.inf, v) >= self.config.eval.get("pass_threshold", 1.0)
           ok = np.where(np.isnan(v).all(-1), np.nan, hit.any(-1))

@@ -81,13 +81,27 @@ def extract_code(completion: str) -> str:
   return blocks[-1] if blocks else completion
 
 
-def run_tests(code: str, tests: list[str], *, timeout: float = 10.0, memory_mb: int = 512) -> dict:
-  """{'passed', 'total', ['error']}: `code` run once, then each test snippet (an assert) in its namespace."""
+_EXEC = r'''
+import contextlib, io, json
+code = json.load(open("job.json"))
+buf = io.StringIO()
+err = None
+try:
+    with contextlib.redirect_stdout(buf):
+        exec(compile(code, "snippet.py", "exec"), {"__name__": "__main__"})
+except BaseException as e:
+    err = f"{type(e).__name__}: {e}"[:200]
+print(json.dumps({"stdout": buf.getvalue()[-4000:], "error": err}))
+'''
+
+
+def _sandboxed(job, runner: str, timeout: float, memory_mb: int) -> tuple[dict | None, str]:
+  """Run `runner` (reading job.json) in a fresh sandbox: (its last JSON line, '') or (None, why not)."""
   with tempfile.TemporaryDirectory(prefix="jaxalign-sandbox-") as d:
     with open(os.path.join(d, "job.json"), "w") as f:
-      json.dump([code, list(tests)], f)
+      json.dump(job, f)
     with open(os.path.join(d, "main.py"), "w") as f:
-      f.write(_LIMITS.format(memory=memory_mb << 20, cpu=int(timeout) + 1) + _GUARD + _RUNNER)
+      f.write(_LIMITS.format(memory=memory_mb << 20, cpu=int(timeout) + 1) + _GUARD + runner)
     env = {"PATH": "/usr/bin:/bin", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "HOME": d}
     proc = subprocess.Popen([sys.executable, "-I", "-S", "main.py"], cwd=d, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=True, text=True)
@@ -96,11 +110,24 @@ def run_tests(code: str, tests: list[str], *, timeout: float = 10.0, memory_mb: 
     except subprocess.TimeoutExpired:
       os.killpg(proc.pid, signal.SIGKILL)  # The child and anything it managed to start.
       proc.communicate()
-      return {"passed": 0, "total": len(tests), "error": f"timeout after {timeout:.0f} s"}
+      return None, f"timeout after {timeout:g} s"
     lines = [ln for ln in out.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
-      return {"passed": 0, "total": len(tests), "error": f"exit code {proc.returncode}"}
-    return json.loads(lines[-1])
+      return None, f"exit code {proc.returncode}"
+    return json.loads(lines[-1]), ""
+
+
+def run_tests(code: str, tests: list[str], *, timeout: float = 10.0, memory_mb: int = 512) -> dict:
+  """{'passed', 'total', ['error']}: `code` run once, then each test snippet (an assert) in its namespace."""
+  out, why = _sandboxed([code, list(tests)], _RUNNER, timeout, memory_mb)
+  return out if out is not None else {"passed": 0, "total": len(tests), "error": why}
+
+
+def run_code(code: str, *, timeout: float = 10.0, memory_mb: int = 512) -> dict:
+  """{'stdout', 'error'}: what `code` prints (its last 4,000 characters) and the exception it ended with
+  (None if none), under the same sandbox; a timeout or a killed child is an error with empty stdout."""
+  out, why = _sandboxed(code, _EXEC, timeout, memory_mb)
+  return out if out is not None else {"stdout": "", "error": why}
 
 
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(8, (os.cpu_count() or 2))),
