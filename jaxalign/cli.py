@@ -73,8 +73,9 @@ def train(argv: list[str] | None = None) -> None:
 
   def main(args):
     del args
-    from jaxalign import launch_utils
+    from jaxalign import compile_cache, launch_utils
 
+    compile_cache.enable()  # Before anything compiles: reruns and later stages load their programs.
     launch_utils.init_distributed(dist.value, coord.value, nproc.value, pid.value)
     cfg = config.value
     launch_utils.log_devices()

@@ -141,6 +141,8 @@ def online(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.checkpoint.every = 50
   c.eval.every = 25
   c.eval.max_batches = 4  # Eval prompt batches (of train.batch_size prompts).
+  c.eval.samples_per_prompt = 1  # k > 1: k samples per prompt; means are mean@k, and pass@k per reward function.
+  c.eval.pass_threshold = 1.0  # A sample passes when a reward function gives at least this (verifiers: 1.0).
   c.logging.every = 1
   return c
 

@@ -85,7 +85,7 @@ class MetricWriter:
     if self._tb is not None:
       for k, v in row.items():
         if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
-          self._tb.add_scalar(f"{split}/{k}", v, step)
+          self._tb.add_scalar(f"{split}/{k}".replace("@", "_at_"), v, step)  # TensorBoard refuses '@'.
     if echo:
       shown = " ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k not in ("stage", "split", "step"))
       logging.info("[%s %s] step %d %s", self.stage, split, step, shown)

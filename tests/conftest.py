@@ -6,11 +6,20 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One compilation cache for the session (in-process runs and every CLI subprocess): tests that build the same
+# shapes load each other's programs, and nothing is left in the user's cache.
+import tempfile  # noqa: E402
+
+os.environ.setdefault("JAXALIGN_COMPILE_CACHE", tempfile.mkdtemp(prefix="jaxalign-test-cc-"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+from jaxalign import compile_cache  # noqa: E402
+
+compile_cache.enable()
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,6 @@ def get_config(arg: str | None = None):
   _, size = parse_variant(arg, "configs/evaluate.py")
   c = online(base("evaluate"))
   c.eval.max_batches = 0  # 0 = every prompt.
-  c.eval.samples_per_prompt = 1  # k > 1: k samples per prompt; means are mean@k, and pass@k per reward function.
-  c.eval.pass_threshold = 1.0  # A sample passes when a reward function gives at least this (verifiers: 1.0).
   c.rollout.temperature = 1.0
   c.compare = ml_collections.ConfigDict()
   c.compare.init = ""  # Another policy (run dir or HF dir) to compute the win rate against.

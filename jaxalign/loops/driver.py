@@ -19,7 +19,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jaxalign import checkpoint, paths, sharding
+from jaxalign import checkpoint, compile_cache, paths, sharding
 from jaxalign.checkpoint import Checkpointer, abstract_like
 from jaxalign.errors import ConfigError
 from jaxalign.metrics import MetricWriter, Throughput, fetch
@@ -140,16 +140,17 @@ def _restore(ckpt: Checkpointer, step: int, state: TrainState, mesh) -> tuple[Tr
   return from_items(items, state.frozen), data_state
 
 
-def run(parts: Parts, config, workdir: str) -> TrainState:
+def run(parts: Parts, config, workdir: str, compile_since: dict | None = None) -> TrainState:
   """Train `parts.state` to train.steps: resume, step, log, eval, checkpoint, stop on SIGTERM, export.
 
   Everything runs with the stage's mesh in context (`jax.set_mesh`): the model's activation constraints
-  (`sharding.constrain`) read it when the steps are traced."""
+  (`sharding.constrain`) read it when the steps are traced. `compile_since` (compile_cache.totals() before
+  the build): the summary row's compile time is counted from there."""
   with jax.set_mesh(parts.mesh):
-    return _run(parts, config, workdir)
+    return _run(parts, config, workdir, compile_since)
 
 
-def _run(parts: Parts, config, workdir: str) -> TrainState:
+def _run(parts: Parts, config, workdir: str, compile_since: dict | None = None) -> TrainState:
   nan_policy = config.train.nan_policy
   if nan_policy not in ("stop", "skip"):
     raise ConfigError(f"train.nan_policy={nan_policy!r}: expected stop | skip")
@@ -271,13 +272,26 @@ def _run(parts: Parts, config, workdir: str) -> TrainState:
       parts.export(state)
     writer.write(step, "summary", {"compiles": parts.compiles() if parts.compiles else -1,
                                    "buckets": len({s[0][-1] for s in shapes}), "shapes": len(shapes),
-                                   "skipped_updates": int(fetch(state.skipped))})
+                                   "skipped_updates": int(fetch(state.skipped)),
+                                   **compile_summary(compile_since)})
   writer.close()
   if finished and jax.process_index() == 0 and config.logging.report:
     from jaxalign import report
 
     logging.info("report: %s", report.write(workdir, parts.name))
   return state
+
+
+def compile_summary(since: dict | None) -> dict:
+  """Seconds XLA spent compiling since `since` (compile_cache.totals(); a cache hit costs its read), seconds
+  spent tracing and lowering (not cached), and the persistent cache's hits and misses."""
+  if since is None:
+    return {}
+  now = compile_cache.totals()
+  return {"compile_seconds": round(now["seconds"] - since["seconds"], 2),
+          "trace_seconds": round(now["trace"] - since["trace"], 2),
+          "compile_cache_hits": int(now["hits"] - since["hits"]),
+          "compile_cache_misses": int(now["misses"] - since["misses"])}
 
 
 def _best_value(workdir: str, stage: str, metric: str, step: int) -> float | None:

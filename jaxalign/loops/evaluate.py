@@ -58,14 +58,14 @@ def build(config, workdir: str, *, mesh=None, abstract: bool = False) -> driver.
   return parts
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, compile_since: dict | None = None) -> dict:
   """The evaluate stage: one sampled evaluation of model.init (and of compare.init for a win rate)."""
   parts = build(config, workdir)
   with jax.set_mesh(parts.mesh):
-    return _run(parts, config, workdir)
+    return _run(parts, config, workdir, compile_since)
 
 
-def _run(parts: driver.Parts, config, workdir: str) -> dict:
+def _run(parts: driver.Parts, config, workdir: str, compile_since: dict | None = None) -> dict:
   ev: SampledEval = parts.evaluate
   sources = parts.sources
   metrics, texts = ev.run(parts.state.params["model"], progress="evaluate")
@@ -82,6 +82,7 @@ def _run(parts: driver.Parts, config, workdir: str) -> dict:
       metrics["win_rate_judge"] = judge
   writer = MetricWriter(workdir, "evaluate", config.logging.tensorboard)
   writer.write(0, "eval", {k: v for k, v in metrics.items() if not isinstance(v, str)})
+  writer.write(0, "summary", driver.compile_summary(compile_since))
   writer.close()
   if jax.process_index() == 0:
     paths.write_json(paths.join(workdir, "eval.json"), {"metrics": metrics, "sources": sources}, indent=2)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from jaxalign import compile_cache
 from jaxalign.errors import ConfigError
 from jaxalign.loops import driver, dpo, evaluate, grpo, ppo, reward, sft
 
@@ -21,6 +22,8 @@ def module(config):
 def train(config, workdir: str):
   """Run the configured stage to the end (or to train.run_steps); returns its final state (evaluate: metrics)."""
   mod = module(config)
+  compile_cache.listen()
+  before = compile_cache.totals()  # The summary row reports this stage's compile time and cache hits.
   if mod is evaluate:
-    return evaluate.run(config, workdir)
-  return driver.run(mod.build(config, workdir), config, workdir)
+    return evaluate.run(config, workdir, compile_since=before)
+  return driver.run(mod.build(config, workdir), config, workdir, compile_since=before)

@@ -6,6 +6,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -19,7 +20,10 @@ from jaxalign.models.config import preset
 from tests.conftest import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+# This module's own compilation cache, empty at the start: the straight run compiles everything and the
+# later runs of the same shapes load it (asserted below).
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+           JAXALIGN_COMPILE_CACHE=tempfile.mkdtemp(prefix="jaxalign-cc-"))
 
 
 def _cmd(tiny, wd, steps=40):
@@ -77,6 +81,16 @@ def test_sigterm_saves_exits_zero_and_resumes(tiny, straight, tmp_path):
   rerun = subprocess.run(_cmd(tiny, wd), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
   assert rerun.returncode == 0
   assert _train_losses(wd) == _train_losses(straight)
+  # Compile once: the resumed run found every program in the persistent cache the straight run filled.
+  first, again = (_summary(w) for w in (straight, wd))
+  assert first["compile_cache_misses"] > 0 and first["compile_seconds"] > 0
+  assert again["compile_cache_misses"] == 0 and again["compile_cache_hits"] >= first["compile_cache_misses"]
+  assert again["compile_seconds"] < 0.2 * first["compile_seconds"], (first, again)
+
+
+def _summary(wd):
+  with open(os.path.join(wd, "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if r["split"] == "summary"][-1]
 
 
 def test_sigkill_at_random_points_resumes_to_identical_params(tiny, straight, tmp_path):
