@@ -75,7 +75,8 @@ def train(argv: list[str] | None = None) -> None:
     del args
     from jaxalign import compile_cache, launch_utils
 
-    compile_cache.enable()  # Before anything compiles: reruns and later stages load their programs.
+    if not dry.value:  # Before anything compiles: reruns and later stages load their programs.
+      compile_cache.enable()
     launch_utils.init_distributed(dist.value, coord.value, nproc.value, pid.value)
     cfg = config.value
     launch_utils.log_devices()

@@ -78,3 +78,40 @@ def test_grpo_variants_run(task_sft, tmp_path):
                       eval__max_batches=1, logging__progress=False, logging__tensorboard=False, export__hf=False)
     stages.train(cfg, wd)
     assert all(np.isfinite(r["loss"]) for r in _rows(wd, "train")), variant
+
+
+class Flaky:
+  """A calculator that raises on its second call in every fourth episode (an environment's bug)."""
+
+  count = 0
+
+  def __init__(self):
+    from jaxalign.rewards.environments import Calculator
+    self.inner, Flaky.count = Calculator(), Flaky.count + 1
+    self.bad = Flaky.count % 4 == 0
+
+  def reset(self, row):
+    return self.inner.reset(row)
+
+  def step(self, text):
+    if self.bad:
+      raise RuntimeError("tool crashed")
+    obs, r, done = self.inner.step(text + " <calc>1 + 2</calc>")  # Always a call: episodes go to the limit.
+    return obs, 0.25, done
+
+
+def test_grpo_multi_turn_episodes_run_train_and_evaluate(task_sft, tmp_path):
+  """GRPO over tool episodes: the environment's reward reaches the update, failures and turn limits end
+  episodes (metrics), the eval runs the same episodes, one compile of each program."""
+  wd = str(tmp_path / "env")
+  cfg = load_config("grpo", "tiny", model__init=task_sft["sft"], data__train=task_sft["prompts_train"],
+                    data__eval=task_sft["prompts_eval"], env__name="tests.loops.test_online_runs:Flaky",
+                    env__max_turns=2, env__turn_tokens=8, train__seq_len=128, train__steps=2, eval__every=2, eval__max_batches=1,
+                    logging__progress=False, logging__tensorboard=False, export__hf=False)
+  stages.train(cfg, wd)
+  train, ev = _rows(wd, "train"), _rows(wd, "eval")
+  for r in train:
+    assert r["env_failures"] > 0 and r["turn_limit"] > 0 and 1 <= r["turns"] <= 2
+    assert 0 < r["reward/env"] <= 0.5 and np.isfinite(r["loss"])
+  assert 0 < ev[-1]["reward/env"] <= 0.5 and "no_eos_fraction" in ev[-1]
+  assert _rows(wd, "summary")[0]["compiles"] == 3  # A policy turn, the scoring pass, the update.
