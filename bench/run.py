@@ -67,7 +67,34 @@ def _pool(runs: list) -> dict | None:
     return runs[0] if runs else None
   t = np.concatenate([r["times"] for r in runs])
   return {**runs[0], "median_s": float(np.median(t)), "min_s": float(t.min()), "max_s": float(t.max()),
-          "n": int(t.size), "rounds": len(runs), "round_medians": [r["median_s"] for r in runs]}
+          "p90_s": float(np.percentile(t, 90)), "n": int(t.size), "rounds": len(runs),
+          "round_medians": [r["median_s"] for r in runs]}
+
+
+def cpu_model() -> str:
+  """The CPU's model name (Linux /proc/cpuinfo; else platform's guess): figures depend on it."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  import platform
+  return platform.processor() or platform.machine()
+
+
+def spread(r: dict) -> list[str]:
+  """Per contender: min, median and p90 of its timed steps pooled over the rounds, p90/min (the stability
+  figure of issue 23) and each round's median."""
+  lines = ["| contender | steps | min (s) | median (s) | p90 (s) | p90 / min | round medians (s) |",
+           "|---|---|---|---|---|---|---|"]
+  for k, v in r.items():
+    if isinstance(v, dict) and "min_s" in v and "p90_s" in v:
+      rm = ", ".join(f"{x:.3f}" for x in v.get("round_medians", []))
+      lines.append(f"| {k} | {v['n']} | {v['min_s']:.3f} | {v['median_s']:.3f} | {v['p90_s']:.3f} | "
+                   f"{v['p90_s'] / v['min_s']:.2f} | {rm} |")
+  return lines
 
 
 def report(r: dict) -> list[str]:
@@ -150,11 +177,12 @@ def main():
         runs[name].append(_spawn(name, fn, kw))
     results.update({name: _pool(rs) for name, rs in runs.items()})
   import platform
-  meta = {"machine": platform.machine(), "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M"),
-          "command": f"python3 bench/run.py --only={a.only} --rounds={a.rounds}"}
+  meta = {"machine": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count(),
+          "time": time.strftime("%Y-%m-%d %H:%M"), "command": f"python3 bench/run.py --only={a.only} --rounds={a.rounds}"}
   with open(a.out, "w") as f:
     json.dump({"meta": meta, "results": results}, f, indent=2)
-  print("\n".join(report(results)))
+  print(f"{meta['cpu']}, {meta['cpus']} CPUs, {meta['time']}: {meta['command']}")
+  print("\n".join(report(results) + [""] + spread(results)))
 
 
 if __name__ == "__main__":
