@@ -112,11 +112,15 @@ def _plots(workdir: str, policies, k: int) -> list[tuple[str, str]]:
   axes[1].plot([r["step"] for r in tr], [r.get(ACC, float("nan")) for r in tr], color=COLORS["grpo"],
                label="train (sampled groups)")
   axes[1].errorbar([r["step"] for r in ev], [r[ACC] for r in ev], yerr=[r.get(ACC + "_se", 0) for r in ev],
-                   fmt="o-", color="black", label="held-out")
+                   fmt="o-", color="black", label=f"held-out (mean@{k})")
+  pk = f"pass@{k}/exact_answer"
+  if any(pk in r for r in ev):
+    axes[1].plot([r["step"] for r in ev if pk in r], [r[pk] for r in ev if pk in r], "s:", color="black",
+                 label=f"held-out pass@{k}")
   for pol in policies:
     e = _eval(workdir, pol)
     axes[1].axhline(e[ACC], color=COLORS.get(pol, "gray"), ls="--", lw=1, label=f"{pol} final eval (mean@{k})")
-  axes[1].set_title("GRPO: exact-answer accuracy")
+  axes[1].set_title("GRPO: exact-answer accuracy, pass@k")
   axes[1].set_ylabel("fraction correct")
   axes[1].legend(fontsize=7)
   axes[2].plot([r["step"] for r in tr], [r["no_eos_fraction"] for r in tr], color=COLORS["grpo"], label="train")

@@ -156,6 +156,10 @@ class Episodes:
                   env_failures=float(sum(e.ended == "error" for e in eps)),
                   episode_overruns=float(np.mean([e.ended == "budget" for e in eps])),
                   turn_limit=float(np.mean([e.ended == "turn_limit" for e in eps])))
+    over = sum(e.ended == "budget" for e in eps)
+    if over:  # The run goes on; say why these episodes stopped early.
+      logging.warning("%d of %d episodes ran past the token budget (train.seq_len - rollout.prompt_len = %d "
+                      "tokens after the prompt) and were cut there (metric episode_overruns)", over, len(eps), n)
     self.logprobs = [np.asarray(e.logprobs, np.float32) for e in eps]  # The sampler's, for checks.
     return ro, rewards, stats
 

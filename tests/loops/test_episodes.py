@@ -115,9 +115,10 @@ def test_observation_tokens_are_outside_the_loss_and_the_kl(setup):
   assert float(aux["kl"]) > 0
 
 
-def test_budget_and_turn_limit_end_episodes(setup):
+def test_budget_and_turn_limit_end_episodes(setup, caplog):
   _, ro, _, stats = _episodes(setup, budget=9, turn_tokens=6)  # A turn, then the 26-token observation: over budget.
   assert stats.episode_overruns > 0
+  assert "ran past the token budget (train.seq_len - rollout.prompt_len = 9" in caplog.text
   assert int(np.asarray(ro.segment_ids_BS)[:, 8:].sum(-1).max()) <= 9
   _, _, rewards, stats = _episodes(setup, max_turns=1)
   assert stats.turn_limit == 1.0 and stats.turns == 1.0
