@@ -52,7 +52,7 @@ def arithmetic(test: bool) -> ml_collections.ConfigDict:
   c.grpo = _nest({**common, **short, "train.batch_size": 32, "grpo.group_size": 8, "grpo.kl_coef": 0.0,
                   "train.steps": 60 if test else 150, "optimizer.learning_rate": 2e-4, "reward.functions": (EXACT,),
                   "eval.every": 30 if test else 25, "eval.max_batches": 4 if test else 7, "logging.every": 5,
-                  "eval.samples_per_prompt": 4,
+                  "eval.samples_per_prompt": 1 if test else 4,
                   "checkpoint.every": 1000})
   c.evaluate = _nest({**common, **short, "reward.eval_functions": (EXACT,), "eval.samples_per_prompt": 4,
                       "eval.batch_size": 50, "eval.max_batches": 0})
