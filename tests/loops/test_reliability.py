@@ -84,8 +84,10 @@ def test_sigterm_saves_exits_zero_and_resumes(tiny, straight, tmp_path):
   # Compile once: the resumed run found every program in the persistent cache the straight run filled.
   first, again = (_summary(w) for w in (straight, wd))
   assert first["compile_cache_misses"] > 0 and first["compile_seconds"] > 0
-  assert again["compile_cache_hits"] > 0  # (A resumed run may compile a restore-only program of its own.)
-  assert again["compile_seconds"] < 0.2 * first["compile_seconds"], (first, again)
+  # Every program the straight run compiled is loaded; the resumed run compiles only its restore-only program
+  # (one miss, ~2 s here), so its compile time is well under half (a plain rerun: under a tenth, docs).
+  assert again["compile_cache_hits"] >= first["compile_cache_misses"] and again["compile_cache_misses"] <= 1
+  assert again["compile_seconds"] < 0.5 * first["compile_seconds"], (first, again)
 
 
 def _summary(wd):
