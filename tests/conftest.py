@@ -30,7 +30,7 @@ def hf_factory(tmp_path_factory):
   cache = {}
 
   def make(family: str, **kw):
-    key = (family, tuple(sorted(kw.items())))
+    key = (family, repr(sorted(kw.items())))
     if key not in cache:
       path = tmp_path_factory.mktemp(f"hf_{family}")
       cache[key] = hf_models.save_random(family, str(path), **kw)

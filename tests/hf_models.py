@@ -18,6 +18,15 @@ FAMILY_KW = {
     "gemma": dict(),
     "gemma2": dict(sliding_window=4, attn_logit_softcapping=20.0, final_logit_softcapping=10.0,
                    query_pre_attn_scalar=24),
+    # Two rope sets (a scaled global one for full layers, the local base for sliding ones), q/k norms, 4 norms.
+    "gemma3_text": dict(sliding_window=4, query_pre_attn_scalar=24,
+                        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    # Fused qkv/gate_up projections, Phi-4-mini's partial rotary factor, one window for all layers.
+    "phi3": dict(sliding_window=6, pad_token_id=0,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}),
+    "olmo2": dict(),  # Post-norms only; q/k norms over all heads.
 }
 
 

@@ -1,11 +1,13 @@
-"""Model configuration: one dataclass whose fields select the decoder family (Llama, Mistral, Qwen2/3, Gemma 1/2)."""
+"""Model configuration: one dataclass whose fields select the decoder family (Llama, Mistral, Qwen2/3, Gemma 1/2/3,
+Phi-3, OLMo 2)."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+# transformers model_type names.
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2")
 # Adapter factor shapes per target, as (A dims, B dims) einsum letters: d hidden, n/k heads, h head dim, f mlp.
 LORA_SHAPES = {"wq": ("d", "nh"), "wk": ("d", "kh"), "wv": ("d", "kh"), "wo": ("nh", "d"),
                "w_gate": ("d", "f"), "w_up": ("d", "f"), "w_down": ("f", "d")}
@@ -25,13 +27,18 @@ class ModelConfig:
   family: str = "llama"
   rope_theta: float = 10000.0
   rope_scaling: tuple[tuple[str, Any], ...] | None = None  # HF rope_parameters minus theta, as sorted items.
+  # Gemma 3: the sliding-window layers' own rope parameters (with rope_theta), as sorted items; None = global.
+  rope_local: tuple[tuple[str, Any], ...] | None = None
+  partial_rotary_factor: float = 1.0  # Phi-4-mini 0.75: only the first head dims rotate.
   norm_eps: float = 1e-5
   norm_offset: bool = False  # Gemma: RMSNorm scales by (1 + w).
   act: str = "silu"  # 'silu' (SwiGLU), 'gelu_tanh' (GeGLU, tanh form) or 'gelu' (GeGLU, exact erf form).
   qkv_bias: bool = False  # Qwen2.
-  qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE.
+  qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over head_dim on q and k before RoPE.
+  qk_norm_all_heads: bool = False  # OLMo 2: the q/k norms run over all heads' dims at once (weights [N*H]).
+  pre_norms: bool = True  # False for OLMo 2: no norm before attention or the MLP (post_norms only).
   embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size).
-  post_norms: bool = False  # Gemma 2: norms after attention and after the MLP.
+  post_norms: bool = False  # Gemma 2/3, OLMo 2: norms after attention and after the MLP.
   attn_softcap: float | None = None  # Gemma 2: tanh soft-capping of attention scores.
   final_softcap: float | None = None  # Gemma 2: tanh soft-capping of logits.
   query_scale: float | None = None  # Gemma 2 query_pre_attn_scalar; default head_dim.
@@ -73,6 +80,15 @@ class ModelConfig:
       raise ValueError(f"lora_targets {sorted(bad)}: expected a subset of {sorted(LORA_SHAPES)}")
     if self.layer_types is not None and len(self.layer_types) != self.num_layers:
       raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+    if not 0 < self.partial_rotary_factor <= 1 or int(self.head_dim * self.partial_rotary_factor) % 2:
+      raise ValueError(f"partial_rotary_factor={self.partial_rotary_factor}: must rotate an even number of the "
+                       f"{self.head_dim} head dims")
+    if not (self.pre_norms or self.post_norms):
+      raise ValueError("pre_norms and post_norms are both off: a block needs one of them")
+    from jaxalign.models import rope  # The rope kinds live with their maths.
+    rope.check({"rope_theta": self.rope_theta, **dict(self.rope_scaling or ())}, "model.rope_scaling")
+    if self.rope_local is not None:
+      rope.check(dict(self.rope_local), "model.rope_local")
 
   def window_sizes(self) -> list[int]:
     """Per-layer attention window in tokens (0 means full attention)."""
@@ -99,7 +115,7 @@ class ModelConfig:
   def num_params(self) -> int:
     d, f, v, l = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers
     attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-    per_layer = attn + 3 * d * f + (4 if self.post_norms else 2) * d
+    per_layer = attn + 3 * d * f + (2 * self.pre_norms + 2 * self.post_norms) * d
     return v * d * (1 if self.tie_embeddings else 2) + l * per_layer + d
 
 

@@ -51,31 +51,38 @@ def config_from_hf(path_or_config, **overrides) -> ModelConfig:
                               "or a jaxalign run directory")
     c = transformers.AutoConfig.from_pretrained(paths.local_copy(str(c), skip_weights=True))
   mt = c.model_type
+  if mt == "gemma3":
+    raise ValueError("model_type 'gemma3' is Gemma 3's image-text model; jaxalign trains its text model: load the "
+                     "checkpoint's language model as Gemma3ForCausalLM (model_type 'gemma3_text') and save that")
   if mt not in FAMILIES:
     raise ValueError(f"model_type {mt!r} is not supported; supported families: {FAMILIES}")
-  if getattr(c, "mlp_bias", False) or (mt in ("llama", "qwen3", "gemma", "gemma2") and getattr(c, "attention_bias", False)):
+  if getattr(c, "mlp_bias", False) or (mt not in ("qwen2", "mistral", "phi3") and getattr(c, "attention_bias", False)):
     raise NotImplementedError(f"{mt}: attention_bias/mlp_bias checkpoints are not supported")
-  rope = dict(getattr(c, "rope_parameters", None) or {})
-  theta = rope.pop("rope_theta", getattr(c, "rope_theta", 10000.0))
-  rope_type = rope.get("rope_type", "default")
-  scaling = None if rope_type == "default" else tuple(sorted(
-      (k, v) for k, v in rope.items() if v is not None and not isinstance(v, (dict, list))))
+  rope_global, rope_local, partial = _rope_from_hf(c, mt)
+  theta = rope_global.pop("rope_theta", getattr(c, "rope_theta", 10000.0))
+  rope_type = rope_global.get("rope_type", "default")
+  scaling = None if rope_type == "default" else tuple(sorted(rope_global.items()))
   n_heads = c.num_attention_heads
   head_dim = getattr(c, "head_dim", None) or c.hidden_size // n_heads
   act = getattr(c, "hidden_activation", None) or c.hidden_act
   if act not in _ACTS:
     raise NotImplementedError(f"{mt}: activation {act!r} is not supported")
+  if getattr(c, "use_bidirectional_attention", False):
+    raise NotImplementedError(f"{mt}: use_bidirectional_attention=True (an encoder) is not supported")
   layer_types = getattr(c, "layer_types", None)
   window = getattr(c, "sliding_window", None)
-  if mt == "mistral" and window and not layer_types:
+  if mt in ("mistral", "phi3") and window and not layer_types:  # One window for every layer.
     layer_types = ["sliding_attention"] * c.num_hidden_layers
   eos = c.eos_token_id if hasattr(c, "eos_token_id") else None
+  gemma = mt in ("gemma", "gemma2", "gemma3_text")
   kw: dict[str, Any] = dict(
       family=mt, vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
       num_layers=c.num_hidden_layers, num_heads=n_heads, num_kv_heads=getattr(c, "num_key_value_heads", None) or n_heads,
-      head_dim=head_dim, rope_theta=float(theta), rope_scaling=scaling, norm_eps=c.rms_norm_eps,
-      norm_offset=mt in ("gemma", "gemma2"), act=_ACTS[act], qkv_bias=mt == "qwen2", qk_norm=mt == "qwen3",
-      embed_scale=mt in ("gemma", "gemma2"), post_norms=mt == "gemma2",
+      head_dim=head_dim, rope_theta=float(theta), rope_scaling=scaling, rope_local=rope_local,
+      partial_rotary_factor=partial, norm_eps=c.rms_norm_eps,
+      norm_offset=gemma, act=_ACTS[act], qkv_bias=mt == "qwen2", qk_norm=mt in ("qwen3", "gemma3_text", "olmo2"),
+      qk_norm_all_heads=mt == "olmo2", pre_norms=mt != "olmo2",
+      embed_scale=gemma, post_norms=mt in ("gemma2", "gemma3_text", "olmo2"),
       attn_softcap=getattr(c, "attn_logit_softcapping", None), final_softcap=getattr(c, "final_logit_softcapping", None),
       query_scale=getattr(c, "query_pre_attn_scalar", None), sliding_window=window if layer_types else None,
       layer_types=tuple(layer_types) if layer_types and window else None,
@@ -87,12 +94,38 @@ def config_from_hf(path_or_config, **overrides) -> ModelConfig:
   return ModelConfig(**kw)
 
 
+def _rope_from_hf(c, mt: str) -> tuple[dict, tuple | None, float]:
+  """(global rope parameters, the sliding layers' own ones as sorted items or None, partial rotary factor).
+
+  transformers 5 keeps rope settings in `rope_parameters`: one dict, or (Gemma 3) one per layer type. Types
+  the forward cannot compute are rejected here, at load time, not mid-run (rope.check)."""
+  from jaxalign.models import rope
+
+  raw = dict(getattr(c, "rope_parameters", None) or {})
+  local = None
+  if "full_attention" in raw or "sliding_attention" in raw:  # Per layer type.
+    full, slide = dict(raw.get("full_attention") or {}), dict(raw.get("sliding_attention") or {})
+    if slide and slide != full:
+      rope.check(slide, f"{mt} rope_parameters['sliding_attention']")
+      local = tuple(sorted((k, v) for k, v in slide.items() if v is not None and not isinstance(v, (dict, list))))
+    raw = full
+  partial = float(raw.pop("partial_rotary_factor", None) or getattr(c, "partial_rotary_factor", None) or 1.0)
+  rope.check(raw, f"{mt} rope_parameters")
+  glob = {k: v for k, v in raw.items() if v is not None and not isinstance(v, (dict, list))}
+  return glob, local, partial
+
+
 def config_to_hf(cfg: ModelConfig, *, sequence_classification: bool = False):
   """A transformers config object for `cfg`."""
   import transformers
 
-  rope = {"rope_theta": cfg.rope_theta, **dict(cfg.rope_scaling or ())}
+  rope: dict[str, Any] = {"rope_theta": cfg.rope_theta, **dict(cfg.rope_scaling or ())}
   rope.setdefault("rope_type", "default")
+  if cfg.partial_rotary_factor != 1.0:
+    rope["partial_rotary_factor"] = cfg.partial_rotary_factor
+  if cfg.family == "gemma3_text":
+    local = {"rope_type": "default", **dict(cfg.rope_local or ())} if cfg.rope_local else dict(rope)
+    rope = {"full_attention": rope, "sliding_attention": local}
   act = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu"}.get(cfg.act, "silu")
   kw: dict[str, Any] = dict(
       vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -101,23 +134,24 @@ def config_to_hf(cfg: ModelConfig, *, sequence_classification: bool = False):
       max_position_embeddings=cfg.max_position_embeddings, bos_token_id=cfg.bos_token_id,
       eos_token_id=list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id,
       pad_token_id=cfg.pad_token_id)
-  if cfg.family in ("gemma", "gemma2"):
+  if cfg.family in ("gemma", "gemma2", "gemma3_text"):
     kw["hidden_activation"] = act
   kw["hidden_act"] = act
-  if cfg.family in ("mistral", "qwen2", "gemma2"):
+  if cfg.family in ("mistral", "qwen2", "gemma2", "gemma3_text", "phi3"):
     kw["sliding_window"] = cfg.sliding_window
-  if cfg.family in ("qwen2", "qwen3", "gemma2"):
+  if cfg.family in ("qwen2", "qwen3", "gemma2", "gemma3_text"):
     kw["layer_types"] = list(cfg.layer_types) if cfg.layer_types else ["full_attention"] * cfg.num_layers
     if cfg.family in ("qwen2", "qwen3"):
       kw["use_sliding_window"] = bool(cfg.sliding_window and cfg.layer_types)
-  if cfg.family == "gemma2":
+  if cfg.family in ("gemma2", "gemma3_text"):
     kw.update(query_pre_attn_scalar=cfg.query_scale or cfg.head_dim, attn_logit_softcapping=cfg.attn_softcap,
               final_logit_softcapping=cfg.final_softcap)
   if sequence_classification:
     kw["num_labels"] = 1
   c = transformers.AutoConfig.for_model(cfg.family, **kw)
   arch = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma",
-          "gemma2": "Gemma2"}[cfg.family]
+          "gemma2": "Gemma2", "gemma3_text": "Gemma3Text" if sequence_classification else "Gemma3",
+          "phi3": "Phi3", "olmo2": "Olmo2"}[cfg.family]
   c.architectures = [arch + ("ForSequenceClassification" if sequence_classification else "ForCausalLM")]
   c.dtype = cfg.param_dtype
   return c
@@ -129,7 +163,6 @@ def _layer_map(cfg: ModelConfig) -> dict[str, tuple[str, Callable]]:
   """Our stacked layer param -> (HF per-layer suffix, transform HF->ours)."""
   d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   m = {
-      "attn_norm": ("input_layernorm.weight", lambda w: w),
       "wq": ("self_attn.q_proj.weight", lambda w: w.T.reshape(d, n, h)),
       "wk": ("self_attn.k_proj.weight", lambda w: w.T.reshape(d, k, h)),
       "wv": ("self_attn.v_proj.weight", lambda w: w.T.reshape(d, k, h)),
@@ -138,9 +171,21 @@ def _layer_map(cfg: ModelConfig) -> dict[str, tuple[str, Callable]]:
       "w_up": ("mlp.up_proj.weight", lambda w: w.T),
       "w_down": ("mlp.down_proj.weight", lambda w: w.T),
   }
-  if cfg.post_norms:  # Gemma 2 naming.
+  f = cfg.intermediate_size
+  if cfg.family == "phi3":  # Fused projections: rows [q; k; v] and [gate; up].
+    m["wq"] = ("self_attn.qkv_proj.weight", lambda w: w[:n * h].T.reshape(d, n, h))
+    m["wk"] = ("self_attn.qkv_proj.weight", lambda w: w[n * h:(n + k) * h].T.reshape(d, k, h))
+    m["wv"] = ("self_attn.qkv_proj.weight", lambda w: w[(n + k) * h:].T.reshape(d, k, h))
+    m["w_gate"] = ("mlp.gate_up_proj.weight", lambda w: w[:f].T)
+    m["w_up"] = ("mlp.gate_up_proj.weight", lambda w: w[f:].T)
+  if cfg.pre_norms:
+    m["attn_norm"] = ("input_layernorm.weight", lambda w: w)
+  if cfg.pre_norms and cfg.post_norms:  # Gemma 2/3 naming.
     m["post_attn_norm"] = ("post_attention_layernorm.weight", lambda w: w)
     m["mlp_norm"] = ("pre_feedforward_layernorm.weight", lambda w: w)
+    m["post_mlp_norm"] = ("post_feedforward_layernorm.weight", lambda w: w)
+  elif cfg.post_norms:  # OLMo 2: norms after each sublayer only.
+    m["post_attn_norm"] = ("post_attention_layernorm.weight", lambda w: w)
     m["post_mlp_norm"] = ("post_feedforward_layernorm.weight", lambda w: w)
   else:
     m["mlp_norm"] = ("post_attention_layernorm.weight", lambda w: w)
@@ -148,7 +193,10 @@ def _layer_map(cfg: ModelConfig) -> dict[str, tuple[str, Callable]]:
     m["bq"] = ("self_attn.q_proj.bias", lambda w: w.reshape(n, h))
     m["bk"] = ("self_attn.k_proj.bias", lambda w: w.reshape(k, h))
     m["bv"] = ("self_attn.v_proj.bias", lambda w: w.reshape(k, h))
-  if cfg.qk_norm:
+  if cfg.qk_norm and cfg.qk_norm_all_heads:
+    m["q_norm"] = ("self_attn.q_norm.weight", lambda w: w.reshape(n, h))
+    m["k_norm"] = ("self_attn.k_norm.weight", lambda w: w.reshape(k, h))
+  elif cfg.qk_norm:
     m["q_norm"] = ("self_attn.q_norm.weight", lambda w: w)
     m["k_norm"] = ("self_attn.k_norm.weight", lambda w: w)
   return m
@@ -162,7 +210,7 @@ def _inverse(cfg: ModelConfig, name: str, w: np.ndarray) -> np.ndarray:
     return w.reshape(-1, w.shape[-1]).T
   if name in ("w_gate", "w_up", "w_down"):
     return w.T
-  if name in ("bq", "bk", "bv"):
+  if name in ("bq", "bk", "bv") or (name in ("q_norm", "k_norm") and w.ndim == 2):
     return w.reshape(-1)
   return w
 
@@ -427,16 +475,26 @@ def load_score_head(path: str, cfg: ModelConfig, sharding=None) -> dict | None:
 
 
 def hf_tensors(cfg: ModelConfig, params: dict, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
-  """(HF name, host array) pairs, one tensor at a time."""
+  """(HF name, host array) pairs, one stacked param (or fused group of them) at a time.
+
+  Params that share an HF tensor (Phi-3's qkv_proj and gate_up_proj) are concatenated along its rows in
+  `_layer_map` order."""
   flat = dict(_flat(params))
   dtype = np.dtype(dtype or cfg.param_dtype)
-  for ours, names in hf_names(cfg).items():
-    host = to_host(flat[ours]).astype(dtype)
-    if ours[0] == "layers":
+  by_hf: dict[str, list[tuple[str, ...]]] = {}
+  names_of = hf_names(cfg)
+  for ours, names in names_of.items():
+    by_hf.setdefault(names[0], []).append(ours)
+  for members in by_hf.values():
+    names = names_of[members[0]]
+    if members[0][0] == "layers":
+      hosts = [to_host(flat[o]).astype(dtype) for o in members]
       for i, n in enumerate(names):
-        yield n, np.ascontiguousarray(_inverse(cfg, ours[1], host[i]))
+        parts = [_inverse(cfg, o[1], h[i]) for o, h in zip(members, hosts)]
+        yield n, np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0))
     else:
-      yield names[0], np.ascontiguousarray(host.T if ours == ("lm_head",) else host)
+      host = to_host(flat[members[0]]).astype(dtype)
+      yield names[0], np.ascontiguousarray(host.T if members[0] == ("lm_head",) else host)
 
 
 def save_params(path: str, cfg: ModelConfig, params: dict, *, head: dict | None = None, dtype=None,

@@ -1,4 +1,4 @@
-"""One decoder-only transformer for the Llama, Mistral, Qwen2/3 and Gemma 1/2 families.
+"""One decoder-only transformer for the Llama, Mistral, Qwen2/3, Gemma 1/2/3, Phi-3 and OLMo 2 families.
 
 Einsum letters: B batch, T query length, S key/cache length, D hidden, F MLP width, V vocab, L layers,
 N query heads, K kv heads, H head dim.
@@ -21,7 +21,7 @@ from flax import nnx
 
 from jaxalign import sharding
 from jaxalign.losses import lm
-from jaxalign.models import lora, splash
+from jaxalign.models import lora, rope, splash
 from jaxalign.models.attention import blockwise_causal, dense_attention, fused_attention, make_mask
 from jaxalign.models.config import ModelConfig
 
@@ -89,12 +89,10 @@ class Transformer(nnx.Module):
     norm_init = "zeros" if cfg.norm_offset else "ones"
     self.embed = _param(rngs, (v, d), ("vocab", "embed"), pd)
     layers = dict(
-        attn_norm=_param(rngs, (l, d), ("layers", "norm"), pd, norm_init),
         wq=_param(rngs, (l, d, n, h), ("layers", "embed", "heads", "head_dim"), pd),
         wk=_param(rngs, (l, d, k, h), ("layers", "embed", "kv_heads", "head_dim"), pd),
         wv=_param(rngs, (l, d, k, h), ("layers", "embed", "kv_heads", "head_dim"), pd),
         wo=_param(rngs, (l, n, h, d), ("layers", "heads", "head_dim", "embed"), pd),
-        mlp_norm=_param(rngs, (l, d), ("layers", "norm"), pd, norm_init),
         w_gate=_param(rngs, (l, d, f), ("layers", "embed", "mlp"), pd),
         w_up=_param(rngs, (l, d, f), ("layers", "embed", "mlp"), pd),
         w_down=_param(rngs, (l, f, d), ("layers", "mlp", "embed"), pd),
@@ -103,7 +101,13 @@ class Transformer(nnx.Module):
       layers.update(bq=_param(rngs, (l, n, h), ("layers", "heads", "head_dim"), pd, "zeros"),
                     bk=_param(rngs, (l, k, h), ("layers", "kv_heads", "head_dim"), pd, "zeros"),
                     bv=_param(rngs, (l, k, h), ("layers", "kv_heads", "head_dim"), pd, "zeros"))
-    if cfg.qk_norm:
+    if cfg.pre_norms:
+      layers.update(attn_norm=_param(rngs, (l, d), ("layers", "norm"), pd, norm_init),
+                    mlp_norm=_param(rngs, (l, d), ("layers", "norm"), pd, norm_init))
+    if cfg.qk_norm and cfg.qk_norm_all_heads:  # OLMo 2: one norm over every head's dims.
+      layers.update(q_norm=_param(rngs, (l, n, h), ("layers", "heads", "head_dim"), pd, norm_init),
+                    k_norm=_param(rngs, (l, k, h), ("layers", "kv_heads", "head_dim"), pd, norm_init))
+    elif cfg.qk_norm:
       layers.update(q_norm=_param(rngs, (l, h), ("layers", "norm"), pd, norm_init),
                     k_norm=_param(rngs, (l, h), ("layers", "norm"), pd, norm_init))
     if cfg.post_norms:
@@ -173,7 +177,7 @@ class Transformer(nnx.Module):
     x_BTD = _c(jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt), BTD)
     if cfg.embed_scale:
       x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
-    sin_BTH, cos_BTH = rope_tables(cfg, positions_BT)
+    sin_RBTH, cos_RBTH = rope.tables(cfg, positions_BT)
 
     if cache is None:
       q_slot_T = jnp.arange(t, dtype=jnp.int32)
@@ -185,10 +189,12 @@ class Transformer(nnx.Module):
       k_slot = jnp.arange(cache.seg_BS.shape[1], dtype=jnp.int32)
     mask_args = (segment_ids_BT, q_slot_T, positions_BT, k_seg, k_slot, k_pos)
     windows_L = jnp.asarray(cfg.window_sizes(), jnp.int32)
+    rope_L = jnp.asarray(rope.set_index(cfg), jnp.int32)
     layer_params = {name: p[...] for name, p in self.layers.items()}
 
     def body(x_BTD, layer):
-      p, window, kv = layer
+      p, (window, r), kv = layer
+      sin_BTH, cos_BTH = (sin_RBTH[0], cos_RBTH[0]) if cfg.rope_local is None else (sin_RBTH[r], cos_RBTH[r])
       x_BTD, kv = _block(cfg, p, _c(x_BTD, BTD), sin_BTH, cos_BTH, mask_args, window, kv, cache, use_lora,
                          shared_prefix)
       return _c(x_BTD, BTD), kv
@@ -198,7 +204,7 @@ class Transformer(nnx.Module):
 
     if cfg.scan_layers:
       kv_in = (jnp.stack(cache.k_BKHS), jnp.stack(cache.v_BKSH)) if cache is not None else None
-      x_BTD, kv_out = jax.lax.scan(body, x_BTD, (layer_params, windows_L, kv_in))
+      x_BTD, kv_out = jax.lax.scan(body, x_BTD, (layer_params, (windows_L, rope_L), kv_in))
       if cache is not None:
         kv_out = tuple(tuple(x[i] for i in range(cfg.num_layers)) for x in kv_out)
     else:  # Unrolled; the cache is updated in place per layer (no per-token copy of the whole cache).
@@ -206,7 +212,7 @@ class Transformer(nnx.Module):
       for i in range(cfg.num_layers):
         p_i = layers[i] if layers is not None else _layer(layer_params, i)
         kv = None if cache is None else (cache.k_BKHS[i], cache.v_BKSH[i])
-        x_BTD, kv = body(x_BTD, (p_i, windows_L[i], kv))
+        x_BTD, kv = body(x_BTD, (p_i, (windows_L[i], rope_L[i]), kv))
         if cache is not None:
           ks.append(kv[0])
           vs.append(kv[1])
@@ -252,57 +258,22 @@ def rms_norm(x, w, cfg: ModelConfig):
   return (x32 * scale).astype(dtype)
 
 
-def inv_frequencies(cfg: ModelConfig) -> np.ndarray:
-  """RoPE inverse frequencies, with HF's 'linear' and 'llama3' scaling."""
-  h = cfg.head_dim
-  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
-  sc = dict(cfg.rope_scaling or ())
-  kind = sc.get("rope_type", sc.get("type", "default"))
-  if kind == "default":
-    return inv.astype(np.float32)
-  if kind == "linear":
-    return (inv / sc["factor"]).astype(np.float32)
-  if kind == "llama3":
-    factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
-    old = sc["original_max_position_embeddings"]
-    wavelen = 2 * np.pi / inv
-    scaled = np.where(wavelen > old / lo, inv / factor, inv)
-    smooth = (old / wavelen - lo) / (hi - lo)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
-    return np.where(medium, smoothed, scaled).astype(np.float32)
-  raise NotImplementedError(f"rope_type={kind!r} is not supported (default, linear, llama3 are)")
+def rms_norm_heads(x_BTNH, w_NH, cfg: ModelConfig):
+  """RMSNorm over all heads' dims together (OLMo 2's q/k norms over the [N*H] projection), float32."""
+  dtype = x_BTNH.dtype
+  x32 = x_BTNH.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=(-2, -1), keepdims=True) + cfg.norm_eps)
+  w32 = w_NH.astype(jnp.float32)
+  return (x32 * (1.0 + w32 if cfg.norm_offset else w32)).astype(dtype)
 
 
 def rope_tables(cfg: ModelConfig, positions_BT):
-  """sin, cos [B, T, H] of the rotary angles, computed once per forward.
-
-  Why the identity matmul: XLA fuses an elementwise producer into each of its consumers, so plain
-  `jnp.sin` tables were recomputed inside every q/k rotation, forward and backward, of every layer (40 sine
-  and 40 cosine ops in the bench's SFT step). A dot's output is a buffer that its consumers read: the tables
-  are computed once (SFT step 0.959x the time, paired A/B). Exact: products with 1 and 0 at HIGHEST
-  precision (no TF32/bf16 passes on accelerators), and the dot costs 2 x (2H)^2 FLOPs per token."""
-  inv_H2 = jnp.asarray(inv_frequencies(cfg))
-  ang_BTH2 = positions_BT.astype(jnp.float32)[..., None] * inv_H2
-  ang_BTH = jnp.concatenate([ang_BTH2, ang_BTH2], axis=-1)
-  sc_BTX = jnp.concatenate([jnp.sin(ang_BTH), jnp.cos(ang_BTH)], axis=-1)
-  sc_BTX = jnp.einsum("btx,xy->bty", sc_BTX, jnp.eye(sc_BTX.shape[-1], dtype=jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST)
-  h = ang_BTH.shape[-1]
-  return sc_BTX[..., :h], sc_BTX[..., h:]
+  """sin, cos [B, T, rotary dims] of the model's global rope set (rope.tables has every set)."""
+  sin_RBTH, cos_RBTH = rope.tables(cfg, positions_BT)
+  return sin_RBTH[0], cos_RBTH[0]
 
 
-def apply_rope(x_BTNH, sin_BTH, cos_BTH):
-  """Rotate-half RoPE in the dtype of x, as transformers does it.
-
-  The angles and their sin/cos are float32 (`rope_tables`); the rotation itself runs in the activation dtype,
-  with the tables cast to it: transformers' `apply_rotary_pos_emb` casts cos/sin to q's dtype, so bf16 logits
-  match it this way. It is also the cheaper program: a float32 rotation doubles the q/k bytes each layer moves
-  (TPU cost model, Llama-3-8B SFT 4k on v5p-128: 0.693 -> 0.678 s per step, docs/performance.md)."""
-  cos, sin = cos_BTH.astype(x_BTNH.dtype), sin_BTH.astype(x_BTNH.dtype)
-  half = x_BTNH.shape[-1] // 2
-  rot = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
-  return x_BTNH * cos[:, :, None, :] + rot * sin[:, :, None, :]
+apply_rope = rope.apply
 
 
 def _act(cfg: ModelConfig, x):
@@ -323,13 +294,15 @@ def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_ar
       y = y + lora.delta(cfg, p, name, x)
     return y
 
-  h_BTD = rms_norm(x_BTD, p["attn_norm"], cfg)
+  h_BTD = rms_norm(x_BTD, p["attn_norm"], cfg) if cfg.pre_norms else x_BTD
   q_BTNH = _c(proj(h_BTD, "wq"), BTNH)
   k_BTKH = _c(proj(h_BTD, "wk"), BTKH)
   v_BTKH = _c(proj(h_BTD, "wv"), BTKH)
   if cfg.qkv_bias:
     q_BTNH, k_BTKH, v_BTKH = q_BTNH + c("bq"), k_BTKH + c("bk"), v_BTKH + c("bv")
-  if cfg.qk_norm:
+  if cfg.qk_norm and cfg.qk_norm_all_heads:
+    q_BTNH, k_BTKH = rms_norm_heads(q_BTNH, p["q_norm"], cfg), rms_norm_heads(k_BTKH, p["k_norm"], cfg)
+  elif cfg.qk_norm:
     q_BTNH, k_BTKH = rms_norm(q_BTNH, p["q_norm"], cfg), rms_norm(k_BTKH, p["k_norm"], cfg)
   q_BTNH = apply_rope(q_BTNH, sin_BTH, cos_BTH)
   k_BTKH = apply_rope(k_BTKH, sin_BTH, cos_BTH)
@@ -357,7 +330,7 @@ def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_ar
   if cfg.post_norms:
     o_BTD = rms_norm(o_BTD, p["post_attn_norm"], cfg)
   x_BTD = x_BTD + o_BTD
-  h_BTD = rms_norm(x_BTD, p["mlp_norm"], cfg)
+  h_BTD = rms_norm(x_BTD, p["mlp_norm"], cfg) if cfg.pre_norms else x_BTD
   g_BTF = _c(_act(cfg, _c(proj(h_BTD, "w_gate"), BTF)) * _c(proj(h_BTD, "w_up"), BTF), BTF)
   m_BTD = _c(proj(g_BTF, "w_down"), BTD)
   if cfg.post_norms:

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from jaxalign import sharding
-from jaxalign.models import build, hf, transformer as T
+from jaxalign.models import build, hf, rope, transformer as T
 from jaxalign.models.config import preset
 from tests import hf_models
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2"]
 
 
 def _padded_batch(vocab=128, b=3, t=12, seed=0):
@@ -52,7 +52,7 @@ def test_gelu_is_mapped_as_transformers_runs_it(hf_factory, family, kw):
   assert np.abs((out - ref) * mask[..., None]).max() <= 1e-4, family
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2", "gemma3_text", "phi3", "olmo2"])
 def test_hf_round_trip(hf_factory, tmp_path, family):
   path = hf_factory(family)
   cfg = hf.config_from_hf(path)
@@ -67,7 +67,8 @@ def test_hf_round_trip(hf_factory, tmp_path, family):
   assert hf.config_from_hf(str(tmp_path)) == cfg
 
 
-@pytest.mark.parametrize("family,scan", [("llama", True), ("gemma2", False), ("mistral", True)])
+@pytest.mark.parametrize("family,scan", [("llama", True), ("gemma2", False), ("mistral", True),
+                                         ("gemma3_text", True), ("phi3", False), ("olmo2", True)])
 def test_kv_cache_matches_full_forward(hf_factory, family, scan):
   path = hf_factory(family)
   cfg = hf.config_from_hf(path, scan_layers=scan)
@@ -256,7 +257,7 @@ def test_rope_tables_are_exactly_sin_and_cos():
   cfg = preset("tiny")
   pos = jnp.asarray(np.random.default_rng(0).integers(0, 100_000, (3, 37)), jnp.int32)
   sin, cos = jax.jit(lambda p: T.rope_tables(cfg, p))(pos)
-  ang = pos.astype(jnp.float32)[..., None] * jnp.asarray(T.inv_frequencies(cfg))
+  ang = pos.astype(jnp.float32)[..., None] * jnp.asarray(rope.inv_frequencies(rope.params_sets(cfg)[0], 16, 4096)[0])
   ang = jnp.concatenate([ang, ang], -1)
   np.testing.assert_array_equal(sin, jnp.sin(ang))
   np.testing.assert_array_equal(cos, jnp.cos(ang))
@@ -277,3 +278,107 @@ def test_frozen_models_held_in_the_compute_dtype_are_exact():
   a, _ = T.forward(cfg, rounded, tok)
   b, _ = T.forward(cfg, held, tok)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _hf_logits(path, tok, mask, positions=None):
+  with torch.no_grad():
+    kw = {} if positions is None else {"position_ids": torch.tensor(positions)}
+    return hf_models.load(path)(input_ids=torch.tensor(tok), attention_mask=torch.tensor(mask), **kw).logits.numpy()
+
+
+@pytest.mark.parametrize("rope_parameters", [
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 8},
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 8,
+     "truncate": False, "beta_fast": 16.0, "beta_slow": 2.0, "attention_factor": 1.3},
+    {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 3.0},
+], ids=["yarn", "yarn-untruncated", "dynamic-ntk"])
+def test_rope_scaling_matches_transformers(hf_factory, rope_parameters):
+  """YaRN (its beta/truncate/attention-factor options move the frequencies) and dynamic NTK (its base grows
+  with the longest position in the batch beyond max_position_embeddings=8: the 12-token rows cross it)."""
+  path = hf_factory("llama", rope_parameters=rope_parameters, max_position_embeddings=8)
+  cfg = hf.config_from_hf(path)
+  params = hf.load_params(path, cfg)
+  tok, mask = _padded_batch()
+  ref = _hf_logits(path, tok, mask)
+  out = np.asarray(jax.jit(lambda p, t, s: T.forward(cfg, p, t, None, s)[0])(params, tok, jnp.asarray(mask, jnp.int32)))
+  assert np.abs((out - ref) * mask[..., None]).max() <= 1e-4
+  if rope_parameters["rope_type"] == "dynamic":  # Within the original length the base is unchanged.
+    short = T.forward(cfg, params, jnp.asarray(tok[:, :8]))[0]
+    plain = T.forward(cfg.replace(rope_scaling=None), params, jnp.asarray(tok[:, :8]))[0]
+    np.testing.assert_allclose(np.asarray(short), np.asarray(plain), atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "phi3", "olmo2"])
+def test_left_padded_and_packed_parity(hf_factory, family):
+  """Left padding (positions from the mask, as generate sets them) and two packed documents per row."""
+  path = hf_factory(family)
+  cfg = hf.config_from_hf(path)
+  params = hf.load_params(path, cfg)
+  tok, mask = _padded_batch()
+  left, lmask = np.zeros_like(tok), np.zeros_like(mask)
+  for i, n in enumerate(mask.sum(1)):
+    left[i, tok.shape[1] - n:], lmask[i, tok.shape[1] - n:] = tok[i, :n], 1
+  pos = np.maximum(np.cumsum(lmask, 1) - 1, 0)
+  ref = _hf_logits(path, left, lmask, pos)
+  out = np.asarray(T.forward(cfg, params, jnp.asarray(left), jnp.asarray(pos), jnp.asarray(lmask, jnp.int32))[0])
+  assert np.abs((out - ref) * lmask[..., None]).max() <= 1e-4
+  a, b = tok[0, :7], tok[1, :5]
+  packed = np.concatenate([a, b])[None]
+  seg = np.array([[1] * 7 + [2] * 5])
+  ppos = np.array([list(range(7)) + list(range(5))])
+  out = np.asarray(T.forward(cfg, params, jnp.asarray(packed), jnp.asarray(ppos), jnp.asarray(seg))[0])[0]
+  np.testing.assert_allclose(out[:7], _hf_logits(path, a[None], np.ones((1, 7), np.int64))[0], atol=1e-4)
+  np.testing.assert_allclose(out[7:], _hf_logits(path, b[None], np.ones((1, 5), np.int64))[0], atol=1e-4)
+
+
+def test_unbuilt_model_options_are_rejected_at_load(tmp_path):
+  """A config only the forward could reject fails at load time, with the option named."""
+  import transformers
+  c = transformers.AutoConfig.for_model("phi3", **hf_models.TINY, pad_token_id=0, rope_parameters={
+      "rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+      "original_max_position_embeddings": 64})
+  with pytest.raises(NotImplementedError, match="rope_type='longrope' is not supported.*LongRoPE"):
+    hf.config_from_hf(c)
+  with pytest.raises(ValueError, match="yarn.*original_max_position_embeddings"):
+    preset("tiny", rope_scaling=(("factor", 4.0), ("rope_type", "yarn")))
+  g3 = transformers.AutoConfig.for_model("gemma3", text_config=dict(hf_models.TINY))
+  with pytest.raises(ValueError, match="gemma3_text"):
+    hf.config_from_hf(g3)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "phi3", "olmo2"])
+def test_greedy_sampler_equals_transformers_generate(hf_factory, family):
+  """The KV-cache sampler (left-padded prompts, unrolled layers, both rope sets) decodes HF's greedy tokens."""
+  from jaxalign import sampling
+  path = hf_factory(family)
+  cfg = hf.config_from_hf(path)
+  params = hf.load_params(path, cfg)
+  tok, mask = _padded_batch(t=8)
+  left, lmask = np.zeros_like(tok), np.zeros_like(mask)
+  for i, n in enumerate(mask.sum(1)):
+    left[i, 8 - n:], lmask[i, 8 - n:] = tok[i, :n], 1
+  with torch.no_grad():
+    ref = hf_models.load(path).generate(input_ids=torch.tensor(left), attention_mask=torch.tensor(lmask),
+                                        max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+  out = sampling.generate(cfg, params, jnp.asarray(left, jnp.int32), jnp.asarray(lmask, jnp.int32), jax.random.key(0),
+                          max_new_tokens=6, greedy=True)
+  np.testing.assert_array_equal(np.asarray(out.tokens), ref[:, 8:].numpy())
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "phi3", "olmo2"])
+def test_reward_model_export_scores_as_transformers(hf_factory, tmp_path, family):
+  """A reward head exported as *ForSequenceClassification scores rows as jaxalign does, and loads back."""
+  from jaxalign.models import heads
+  path = hf_factory(family)
+  cfg = hf.config_from_hf(path, pad_token_id=0)
+  params = hf.load_params(path, cfg)
+  head = {"w": jnp.asarray(np.random.default_rng(0).normal(size=cfg.hidden_size), jnp.float32)}
+  hf.save_params(str(tmp_path), cfg, params, head=head)
+  tok, mask = _padded_batch()
+  tok = np.where(mask > 0, np.maximum(tok, 1), 0)  # HF finds the last token as the one before the first pad.
+  with torch.no_grad():
+    ref = hf_models.load(str(tmp_path), seq_cls=True)(input_ids=torch.tensor(tok),
+                                                        attention_mask=torch.tensor(mask)).logits[:, 0].numpy()
+  got = heads.sequence_scores(cfg, params, head, jnp.asarray(tok), None, jnp.asarray(mask, jnp.int32))
+  np.testing.assert_allclose(np.asarray(got), ref, atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(hf.load_score_head(str(tmp_path), cfg)["w"]), np.asarray(head["w"]))
