@@ -67,6 +67,7 @@ def base(stage: str) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1
   c.mesh.fsdp = -1  # -1 = the remaining devices.
+  c.mesh.expert = 1  # Expert parallelism (Mixture-of-Experts models): experts and the batch split over it.
   c.mesh.tensor = 1
 
   c.checkpoint = ml_collections.ConfigDict()

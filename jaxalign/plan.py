@@ -30,7 +30,7 @@ def make_mesh(config, topo: topologies.Topology | None):
   if topo is None:
     return sharding.mesh_from_config(config.mesh)
   m = config.mesh
-  return sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=topo.devices())
+  return sharding.make_mesh(m.data, m.fsdp, m.tensor, devices=topo.devices(), expert=m.get("expert", 1))
 
 
 def compile_plan(config, topology: str = "", num_slices: int = 1, *, extrapolate: bool = True) -> dict:

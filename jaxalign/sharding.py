@@ -1,7 +1,9 @@
 """Device mesh from config and the one table that maps logical axis names to mesh axes.
 
-Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with sharded params and optimizer state),
-`tensor` (Megatron-style model parallel over heads, MLP width and vocab). Batches shard over (data, fsdp).
+Mesh axes: `data` (pure data parallel), `expert` (Mixture-of-Experts expert parallelism: experts split over it,
+and outside the MoE layers a further data axis), `fsdp` (data parallel with sharded params and optimizer
+state), `tensor` (Megatron-style model parallel over heads, MLP width and vocab). Batches shard over
+(data, expert, fsdp).
 
 Activations are named as explicitly as params (`act_*` rows of the same table) and constrained inside the
 model with `constrain`, which reads the mesh that `jax.set_mesh` put in context (a no-op without one, so a
@@ -22,8 +24,8 @@ from jax.experimental import mesh_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH = ("data", "fsdp")
+MESH_AXES = ("data", "expert", "fsdp", "tensor")
+BATCH = ("data", "expert", "fsdp")
 
 # Logical axis -> mesh axes. A dimension not divisible by its mesh axes is replicated (logged once).
 RULES: dict[str, Any] = {
@@ -38,6 +40,7 @@ RULES: dict[str, Any] = {
     "norm": None,
     "layers": None,
     "lora_rank": None,
+    "expert": "expert",
     "scalar": None,
     # Activations: batch over the data axes, heads / MLP width / vocab over tensor, the residual stream whole
     # per row (Megatron: its matmuls all-gather the fsdp-sharded weights, not the activations).
@@ -51,13 +54,14 @@ RULES: dict[str, Any] = {
 }
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Mesh with axes (data, fsdp, tensor); one size may be -1 for 'the remaining devices'."""
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[jax.Device] | None = None,
+              expert: int = 1) -> Mesh:
+  """Mesh with axes (data, expert, fsdp, tensor); one size may be -1 for 'the remaining devices'."""
   devices = list(devices if devices is not None else jax.devices())
-  sizes = {"data": int(data), "fsdp": int(fsdp), "tensor": int(tensor)}
+  sizes = {"data": int(data), "expert": int(expert), "fsdp": int(fsdp), "tensor": int(tensor)}
   free = [k for k, v in sizes.items() if v == -1]
   if len(free) > 1:
-    raise ValueError(f"mesh: only one of mesh.data/fsdp/tensor may be -1, got {sizes}")
+    raise ValueError(f"mesh: only one of mesh.data/expert/fsdp/tensor may be -1, got {sizes}")
   known = math.prod(v for v in sizes.values() if v != -1)
   if any(v == 0 or v < -1 for v in sizes.values()):
     raise ValueError(f"mesh: sizes must be positive or -1, got {sizes}")
@@ -67,18 +71,19 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence[
     sizes[free[0]] = len(devices) // known
   total = math.prod(sizes.values())
   if total != len(devices):
-    raise ValueError(f"mesh: mesh.data x mesh.fsdp x mesh.tensor = {sizes['data']} x {sizes['fsdp']} x "
-                     f"{sizes['tensor']} = {total} does not match the {len(devices)} available devices")
+    raise ValueError(f"mesh: mesh.data x mesh.expert x mesh.fsdp x mesh.tensor = {sizes['data']} x "
+                     f"{sizes['expert']} x {sizes['fsdp']} x {sizes['tensor']} = {total} does not match the "
+                     f"{len(devices)} available devices")
+  shape = tuple(sizes[a] for a in MESH_AXES)
   try:
-    dev = mesh_utils.create_device_mesh(
-        (sizes["data"], sizes["fsdp"], sizes["tensor"]), devices=devices)
+    dev = mesh_utils.create_device_mesh(shape, devices=devices)
   except Exception:  # Non-TPU topologies or odd device lists: plain row-major order.
-    dev = np.asarray(devices).reshape(sizes["data"], sizes["fsdp"], sizes["tensor"])
+    dev = np.asarray(devices).reshape(shape)
   return Mesh(dev, MESH_AXES)
 
 
 def mesh_from_config(mesh_cfg) -> Mesh:
-  return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor)
+  return make_mesh(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, expert=mesh_cfg.get("expert", 1))
 
 
 def spec_for(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=None, name: str = "?") -> P:
@@ -156,7 +161,7 @@ def tree_shardings(shapes, axes, mesh: Mesh, rules=None):
 
 
 def batch_sharding(mesh: Mesh, ndim: int | None = None) -> NamedSharding:
-  """Leading dim over (data, fsdp), the rest replicated (valid for any rank >= 1)."""
+  """Leading dim over (data, expert, fsdp), the rest replicated (valid for any rank >= 1)."""
   del ndim
   return NamedSharding(mesh, P(BATCH))
 
@@ -166,7 +171,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def data_parallel_size(mesh: Mesh) -> int:
-  return mesh.shape["data"] * mesh.shape["fsdp"]
+  return mesh.shape["data"] * mesh.shape["fsdp"] * dict(mesh.shape).get("expert", 1)
 
 
 def describe(mesh: Mesh) -> str:

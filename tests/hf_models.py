@@ -27,6 +27,9 @@ FAMILY_KW = {
     "phi3": dict(sliding_window=6, pad_token_id=0,
                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}),
     "olmo2": dict(),  # Post-norms only; q/k norms over all heads.
+    # Experts as the releases route them: Qwen3-30B-A3B renormalises its top-k (the config default does not).
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, sliding_window=5),
 }
 
 
@@ -41,7 +44,7 @@ def save_random(family: str, path: str, seq_cls: bool = False, **kw) -> str:
   model = cls.from_config(cfg, dtype=torch.float32)
   with torch.no_grad():  # Non-trivial norms and biases, so a mapping mistake cannot hide behind ones/zeros.
     for name, p in model.named_parameters():
-      if "norm" in name or name.endswith("bias"):
+      if "norm" in name or name.endswith("bias"):  # (HF zero-initialises routers: every expert would tie.)
         p.add_(0.1 * torch.randn_like(p))
       else:
         p.normal_(0.0, 0.08)

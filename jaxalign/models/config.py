@@ -7,7 +7,8 @@ import dataclasses
 from typing import Any
 
 # transformers model_type names.
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "qwen3_moe",
+            "mixtral")
 # Adapter factor shapes per target, as (A dims, B dims) einsum letters: d hidden, n/k heads, h head dim, f mlp.
 LORA_SHAPES = {"wq": ("d", "nh"), "wk": ("d", "kh"), "wv": ("d", "kh"), "wo": ("nh", "d"),
                "w_gate": ("d", "f"), "w_up": ("d", "f"), "w_down": ("f", "d")}
@@ -45,6 +46,14 @@ class ModelConfig:
   sliding_window: int | None = None
   layer_types: tuple[str, ...] | None = None  # Per layer 'full_attention' | 'sliding_attention'.
   tie_embeddings: bool = False
+  # Mixture-of-Experts (Qwen3-MoE, Mixtral; models/moe.py): every layer's MLP is `num_experts` experts of
+  # width `expert_size`, `experts_per_token` of them per token.
+  num_experts: int = 0
+  experts_per_token: int = 2
+  expert_size: int = 0
+  norm_topk: bool = True  # Renormalise the top-k router weights (Mixtral; Qwen3-MoE's norm_topk_prob).
+  router_aux_coef: float = 0.0  # Weight of the load-balancing loss in training losses (HF router_aux_loss_coef).
+  moe_impl: str = "auto"  # Grouped matmul: auto (megablox on TPU, ragged_dot on GPU, tiled on CPU) | tiled | ragged | megablox.
   max_position_embeddings: int = 4096
   bos_token_id: int | None = None
   eos_token_id: int | tuple[int, ...] | None = None
@@ -83,6 +92,15 @@ class ModelConfig:
     if not 0 < self.partial_rotary_factor <= 1 or int(self.head_dim * self.partial_rotary_factor) % 2:
       raise ValueError(f"partial_rotary_factor={self.partial_rotary_factor}: must rotate an even number of the "
                        f"{self.head_dim} head dims")
+    if self.num_experts:
+      if not 0 < self.experts_per_token <= self.num_experts or self.expert_size <= 0:
+        raise ValueError(f"num_experts={self.num_experts}, experts_per_token={self.experts_per_token}, "
+                         f"expert_size={self.expert_size}: need 0 < experts_per_token <= num_experts and expert_size > 0")
+      if self.moe_impl not in ("auto", "tiled", "ragged", "megablox"):
+        raise ValueError(f"moe_impl={self.moe_impl!r}: expected auto|tiled|ragged|megablox")
+      if {"w_gate", "w_up", "w_down"} & set(self.lora_targets) and self.lora_rank:
+        raise ValueError("lora_targets: the MLP of a Mixture-of-Experts model is its experts, which LoRA does not "
+                         "adapt here; target the attention projections (wq wk wv wo)")
     if not (self.pre_norms or self.post_norms):
       raise ValueError("pre_norms and post_norms are both off: a block needs one of them")
     from jaxalign.models import rope  # The rope kinds live with their maths.
@@ -115,7 +133,8 @@ class ModelConfig:
   def num_params(self) -> int:
     d, f, v, l = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_layers
     attn = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-    per_layer = attn + 3 * d * f + (2 * self.pre_norms + 2 * self.post_norms) * d
+    mlp = (3 * d * self.expert_size * self.num_experts + d * self.num_experts) if self.num_experts else 3 * d * f
+    per_layer = attn + mlp + (2 * self.pre_norms + 2 * self.post_norms) * d
     return v * d * (1 if self.tie_embeddings else 2) + l * per_layer + d
 
 

@@ -71,7 +71,7 @@ def config_from_hf(path_or_config, **overrides) -> ModelConfig:
     raise NotImplementedError(f"{mt}: use_bidirectional_attention=True (an encoder) is not supported")
   layer_types = getattr(c, "layer_types", None)
   window = getattr(c, "sliding_window", None)
-  if mt in ("mistral", "phi3") and window and not layer_types:  # One window for every layer.
+  if mt in ("mistral", "phi3", "mixtral") and window and not layer_types:  # One window for every layer.
     layer_types = ["sliding_attention"] * c.num_hidden_layers
   eos = c.eos_token_id if hasattr(c, "eos_token_id") else None
   gemma = mt in ("gemma", "gemma2", "gemma3_text")
@@ -80,7 +80,7 @@ def config_from_hf(path_or_config, **overrides) -> ModelConfig:
       num_layers=c.num_hidden_layers, num_heads=n_heads, num_kv_heads=getattr(c, "num_key_value_heads", None) or n_heads,
       head_dim=head_dim, rope_theta=float(theta), rope_scaling=scaling, rope_local=rope_local,
       partial_rotary_factor=partial, norm_eps=c.rms_norm_eps,
-      norm_offset=gemma, act=_ACTS[act], qkv_bias=mt == "qwen2", qk_norm=mt in ("qwen3", "gemma3_text", "olmo2"),
+      norm_offset=gemma, act=_ACTS[act], qkv_bias=mt == "qwen2", qk_norm=mt in ("qwen3", "qwen3_moe", "gemma3_text", "olmo2"),
       qk_norm_all_heads=mt == "olmo2", pre_norms=mt != "olmo2",
       embed_scale=gemma, post_norms=mt in ("gemma2", "gemma3_text", "olmo2"),
       attn_softcap=getattr(c, "attn_logit_softcapping", None), final_softcap=getattr(c, "final_logit_softcapping", None),
@@ -90,8 +90,25 @@ def config_from_hf(path_or_config, **overrides) -> ModelConfig:
       max_position_embeddings=getattr(c, "max_position_embeddings", 4096),
       bos_token_id=getattr(c, "bos_token_id", None), eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
       pad_token_id=getattr(c, "pad_token_id", None))
+  if mt in ("qwen3_moe", "mixtral"):
+    kw.update(_moe_from_hf(c, mt))
   kw.update(overrides)
   return ModelConfig(**kw)
+
+
+def _moe_from_hf(c, mt: str) -> dict[str, Any]:
+  """The MoE fields of a Qwen3-MoE or Mixtral config; layouts jaxalign does not build are rejected here."""
+  if mt == "qwen3_moe":
+    if getattr(c, "mlp_only_layers", None) or (getattr(c, "decoder_sparse_step", 1) or 1) != 1:
+      raise NotImplementedError(f"{mt}: dense MLP layers among the MoE ones (mlp_only_layers="
+                                f"{c.mlp_only_layers}, decoder_sparse_step={c.decoder_sparse_step}) are not supported")
+    return dict(num_experts=c.num_experts, experts_per_token=c.num_experts_per_tok,
+                expert_size=c.moe_intermediate_size, norm_topk=bool(c.norm_topk_prob),
+                router_aux_coef=float(c.router_aux_loss_coef))
+  if getattr(c, "router_jitter_noise", 0.0):
+    raise NotImplementedError(f"{mt}: router_jitter_noise={c.router_jitter_noise} is not supported (0 in the releases)")
+  return dict(num_experts=c.num_local_experts, experts_per_token=c.num_experts_per_tok,
+              expert_size=c.intermediate_size, norm_topk=True, router_aux_coef=float(c.router_aux_loss_coef))
 
 
 def _rope_from_hf(c, mt: str) -> tuple[dict, tuple | None, float]:
@@ -146,12 +163,22 @@ def config_to_hf(cfg: ModelConfig, *, sequence_classification: bool = False):
   if cfg.family in ("gemma2", "gemma3_text"):
     kw.update(query_pre_attn_scalar=cfg.query_scale or cfg.head_dim, attn_logit_softcapping=cfg.attn_softcap,
               final_logit_softcapping=cfg.final_softcap)
+  if cfg.family in ("qwen3_moe", "mixtral"):
+    kw.update(num_experts_per_tok=cfg.experts_per_token, router_aux_loss_coef=cfg.router_aux_coef)
+    if cfg.family == "qwen3_moe":
+      kw.update(num_experts=cfg.num_experts, moe_intermediate_size=cfg.expert_size, norm_topk_prob=cfg.norm_topk)
+    else:
+      if not cfg.norm_topk:
+        raise ValueError("mixtral: Mixtral always renormalises its top-k weights; norm_topk=False cannot be exported")
+      kw.update(num_local_experts=cfg.num_experts, intermediate_size=cfg.expert_size)
+  if cfg.family in ("mistral", "mixtral"):
+    kw["sliding_window"] = cfg.sliding_window
   if sequence_classification:
     kw["num_labels"] = 1
   c = transformers.AutoConfig.for_model(cfg.family, **kw)
   arch = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma": "Gemma",
           "gemma2": "Gemma2", "gemma3_text": "Gemma3Text" if sequence_classification else "Gemma3",
-          "phi3": "Phi3", "olmo2": "Olmo2"}[cfg.family]
+          "phi3": "Phi3", "olmo2": "Olmo2", "qwen3_moe": "Qwen3Moe", "mixtral": "Mixtral"}[cfg.family]
   c.architectures = [arch + ("ForSequenceClassification" if sequence_classification else "ForCausalLM")]
   c.dtype = cfg.param_dtype
   return c
@@ -178,6 +205,16 @@ def _layer_map(cfg: ModelConfig) -> dict[str, tuple[str, Callable]]:
     m["wv"] = ("self_attn.qkv_proj.weight", lambda w: w[(n + k) * h:].T.reshape(d, k, h))
     m["w_gate"] = ("mlp.gate_up_proj.weight", lambda w: w[:f].T)
     m["w_up"] = ("mlp.gate_up_proj.weight", lambda w: w[f:].T)
+  if cfg.num_experts:  # Per-expert tensors on disk (transformers fuses them only in memory).
+    for k_ in ("w_gate", "w_up", "w_down"):
+      del m[k_]
+    moe_names = {"mixtral": ("block_sparse_moe", "w1", "w3", "w2")}.get(cfg.family, ("mlp", "gate_proj", "up_proj",
+                                                                                    "down_proj"))
+    blk, gate, up, down = moe_names
+    m["router"] = (f"{blk}.gate.weight", lambda w: w.T)
+    m["moe_gate"] = (f"{blk}.experts.{{e}}.{gate}.weight", lambda w: w.T)
+    m["moe_up"] = (f"{blk}.experts.{{e}}.{up}.weight", lambda w: w.T)
+    m["moe_down"] = (f"{blk}.experts.{{e}}.{down}.weight", lambda w: w.T)
   if cfg.pre_norms:
     m["attn_norm"] = ("input_layernorm.weight", lambda w: w)
   if cfg.pre_norms and cfg.post_norms:  # Gemma 2/3 naming.
@@ -208,7 +245,7 @@ def _inverse(cfg: ModelConfig, name: str, w: np.ndarray) -> np.ndarray:
     return w.reshape(w.shape[0], -1).T
   if name == "wo":
     return w.reshape(-1, w.shape[-1]).T
-  if name in ("w_gate", "w_up", "w_down"):
+  if name in ("w_gate", "w_up", "w_down", "router", "moe_gate", "moe_up", "moe_down"):
     return w.T
   if name in ("bq", "bk", "bv") or (name in ("q_norm", "k_norm") and w.ndim == 2):
     return w.reshape(-1)
@@ -221,7 +258,11 @@ def hf_names(cfg: ModelConfig) -> dict[tuple[str, ...], list[str]]:
   if not cfg.tie_embeddings:
     out[("lm_head",)] = ["lm_head.weight"]
   for ours, (suffix, _) in _layer_map(cfg).items():
-    out[("layers", ours)] = [f"model.layers.{i}.{suffix}" for i in range(cfg.num_layers)]
+    if "{e}" in suffix:  # Per layer and per expert, layer-major: [L * E] names for an [L, E, ...] param.
+      out[("layers", ours)] = [f"model.layers.{i}.{suffix.format(e=e)}" for i in range(cfg.num_layers)
+                               for e in range(cfg.num_experts)]
+    else:
+      out[("layers", ours)] = [f"model.layers.{i}.{suffix}" for i in range(cfg.num_layers)]
   return out
 
 
@@ -333,8 +374,8 @@ def _sources(st: SafetensorsDir, cfg: ModelConfig, path: str,
     if ours[0] == "layers":
       fn = layer_map[ours[1]][1]
       layer_shape = jax.eval_shape(fn, jax.ShapeDtypeStruct(st.shape(names[0]), dtype)).shape
-      shape = (len(names),) + tuple(layer_shape)
-      yield ours, shape, _stacked_reader(st, names, fn, shape, dtype)
+      lead = (cfg.num_layers, cfg.num_experts) if "{e}" in layer_map[ours[1]][0] else (len(names),)
+      yield ours, lead + tuple(layer_shape), _stacked_reader(st, names, fn, lead + tuple(layer_shape), dtype)
     elif ours == ("lm_head",) and names[0] not in st:
       if "score.weight" not in st:
         raise KeyError(f"{path}: lm_head.weight missing and tie_word_embeddings is false")
@@ -361,6 +402,15 @@ def _stacked_reader(st: SafetensorsDir, names: list[str], fn: Callable, shape: t
       held.clear()
       held[name] = fn(st.get(name))  # A view: transposes and reshapes of the memory map copy nothing.
     return held[name]
+
+  if len(shape) > 1 and len(names) == shape[0] * shape[1] and len(names) != shape[0]:  # [L, E, ...] experts.
+    def read_experts(idx):
+      out = np.empty(_box(idx, shape), dtype)
+      for j, i in enumerate(range(*idx[0].indices(shape[0]))):
+        for jj, e in enumerate(range(*idx[1].indices(shape[1]))):
+          out[j, jj] = layer(names[i * shape[1] + e])[idx[2:]]
+      return out
+    return read_experts
 
   def read(idx):
     out = np.empty(_box(idx, shape), dtype)
@@ -489,6 +539,7 @@ def hf_tensors(cfg: ModelConfig, params: dict, dtype=None) -> Iterator[tuple[str
     names = names_of[members[0]]
     if members[0][0] == "layers":
       hosts = [to_host(flat[o]).astype(dtype) for o in members]
+      hosts = [h if h.shape[0] == len(names) else h.reshape((len(names),) + h.shape[2:]) for h in hosts]  # [L, E]
       for i, n in enumerate(names):
         parts = [_inverse(cfg, o[1], h[i]) for o, h in zip(members, hosts)]
         yield n, np.ascontiguousarray(parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0))

@@ -21,7 +21,7 @@ from flax import nnx
 
 from jaxalign import sharding
 from jaxalign.losses import lm
-from jaxalign.models import lora, rope, splash
+from jaxalign.models import lora, moe, rope, splash
 from jaxalign.models.attention import blockwise_causal, dense_attention, fused_attention, make_mask
 from jaxalign.models.config import ModelConfig
 
@@ -93,10 +93,17 @@ class Transformer(nnx.Module):
         wk=_param(rngs, (l, d, k, h), ("layers", "embed", "kv_heads", "head_dim"), pd),
         wv=_param(rngs, (l, d, k, h), ("layers", "embed", "kv_heads", "head_dim"), pd),
         wo=_param(rngs, (l, n, h, d), ("layers", "heads", "head_dim", "embed"), pd),
-        w_gate=_param(rngs, (l, d, f), ("layers", "embed", "mlp"), pd),
-        w_up=_param(rngs, (l, d, f), ("layers", "embed", "mlp"), pd),
-        w_down=_param(rngs, (l, f, d), ("layers", "mlp", "embed"), pd),
     )
+    if cfg.num_experts:
+      e, fe = cfg.num_experts, cfg.expert_size
+      layers.update(router=_param(rngs, (l, d, e), ("layers", "embed", None), pd),
+                    moe_gate=_param(rngs, (l, e, d, fe), ("layers", "expert", "embed", "mlp"), pd),
+                    moe_up=_param(rngs, (l, e, d, fe), ("layers", "expert", "embed", "mlp"), pd),
+                    moe_down=_param(rngs, (l, e, fe, d), ("layers", "expert", "mlp", "embed"), pd))
+    else:
+      layers.update(w_gate=_param(rngs, (l, d, f), ("layers", "embed", "mlp"), pd),
+                    w_up=_param(rngs, (l, d, f), ("layers", "embed", "mlp"), pd),
+                    w_down=_param(rngs, (l, f, d), ("layers", "mlp", "embed"), pd))
     if cfg.qkv_bias:
       layers.update(bq=_param(rngs, (l, n, h), ("layers", "heads", "head_dim"), pd, "zeros"),
                     bk=_param(rngs, (l, k, h), ("layers", "kv_heads", "head_dim"), pd, "zeros"),
@@ -195,28 +202,33 @@ class Transformer(nnx.Module):
     def body(x_BTD, layer):
       p, (window, r), kv = layer
       sin_BTH, cos_BTH = (sin_RBTH[0], cos_RBTH[0]) if cfg.rope_local is None else (sin_RBTH[r], cos_RBTH[r])
-      x_BTD, kv = _block(cfg, p, _c(x_BTD, BTD), sin_BTH, cos_BTH, mask_args, window, kv, cache, use_lora,
-                         shared_prefix)
-      return _c(x_BTD, BTD), kv
+      x_BTD, kv, stats = _block(cfg, p, _c(x_BTD, BTD), sin_BTH, cos_BTH, mask_args, window, kv, cache, use_lora,
+                                shared_prefix)
+      return _c(x_BTD, BTD), (kv, stats)
 
     if cfg.remat != "none":
       body = jax.checkpoint(body, policy=remat_policy(cfg.remat), prevent_cse=not cfg.scan_layers)
 
     if cfg.scan_layers:
       kv_in = (jnp.stack(cache.k_BKHS), jnp.stack(cache.v_BKSH)) if cache is not None else None
-      x_BTD, kv_out = jax.lax.scan(body, x_BTD, (layer_params, (windows_L, rope_L), kv_in))
+      x_BTD, (kv_out, stats_L) = jax.lax.scan(body, x_BTD, (layer_params, (windows_L, rope_L), kv_in))
+      stats = jax.tree.map(lambda a: a.sum(0), stats_L)
       if cache is not None:
         kv_out = tuple(tuple(x[i] for i in range(cfg.num_layers)) for x in kv_out)
     else:  # Unrolled; the cache is updated in place per layer (no per-token copy of the whole cache).
-      ks, vs = [], []
+      ks, vs, per_layer = [], [], []
       for i in range(cfg.num_layers):
         p_i = layers[i] if layers is not None else _layer(layer_params, i)
         kv = None if cache is None else (cache.k_BKHS[i], cache.v_BKSH[i])
-        x_BTD, kv = body(x_BTD, (p_i, (windows_L[i], rope_L[i]), kv))
+        x_BTD, (kv, st) = body(x_BTD, (p_i, (windows_L[i], rope_L[i]), kv))
+        per_layer.append(st)
         if cache is not None:
           ks.append(kv[0])
           vs.append(kv[1])
       kv_out = (tuple(ks), tuple(vs))
+      stats = jax.tree.map(lambda *a: sum(a), *per_layer)
+    if cfg.num_experts:
+      moe.record(stats)
     h_BTD = _c(rms_norm(x_BTD, self.final_norm[...], cfg), BTD)
     if cache is not None:
       cache = KVCache(kv_out[0], kv_out[1], k_seg, k_pos, cache.index + t)
@@ -331,11 +343,17 @@ def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_ar
     o_BTD = rms_norm(o_BTD, p["post_attn_norm"], cfg)
   x_BTD = x_BTD + o_BTD
   h_BTD = rms_norm(x_BTD, p["mlp_norm"], cfg) if cfg.pre_norms else x_BTD
-  g_BTF = _c(_act(cfg, _c(proj(h_BTD, "w_gate"), BTF)) * _c(proj(h_BTD, "w_up"), BTF), BTF)
-  m_BTD = _c(proj(g_BTF, "w_down"), BTD)
+  stats = ()
+  if cfg.num_experts:
+    m_BTD, stats = moe.moe_mlp(cfg, functools.partial(_act, cfg), h_BTD, c("router"), c("moe_gate"), c("moe_up"),
+                               c("moe_down"), mask_args[0], cfg.moe_impl)
+    m_BTD = _c(m_BTD, BTD)
+  else:
+    g_BTF = _c(_act(cfg, _c(proj(h_BTD, "w_gate"), BTF)) * _c(proj(h_BTD, "w_up"), BTF), BTF)
+    m_BTD = _c(proj(g_BTF, "w_down"), BTD)
   if cfg.post_norms:
     m_BTD = rms_norm(m_BTD, p["post_mlp_norm"], cfg)
-  return x_BTD + m_BTD, kv
+  return x_BTD + m_BTD, kv, stats
 
 
 def use_splash(cfg: ModelConfig, t: int) -> bool:

@@ -11,7 +11,8 @@ from jaxalign.models import build, hf, rope, transformer as T
 from jaxalign.models.config import preset
 from tests import hf_models
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "qwen3_moe",
+            "mixtral"]
 
 
 def _padded_batch(vocab=128, b=3, t=12, seed=0):
@@ -52,7 +53,8 @@ def test_gelu_is_mapped_as_transformers_runs_it(hf_factory, family, kw):
   assert np.abs((out - ref) * mask[..., None]).max() <= 1e-4, family
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2", "gemma3_text", "phi3", "olmo2"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2", "gemma3_text", "phi3", "olmo2", "qwen3_moe",
+                                    "mixtral"])
 def test_hf_round_trip(hf_factory, tmp_path, family):
   path = hf_factory(family)
   cfg = hf.config_from_hf(path)
@@ -68,7 +70,8 @@ def test_hf_round_trip(hf_factory, tmp_path, family):
 
 
 @pytest.mark.parametrize("family,scan", [("llama", True), ("gemma2", False), ("mistral", True),
-                                         ("gemma3_text", True), ("phi3", False), ("olmo2", True)])
+                                         ("gemma3_text", True), ("phi3", False), ("olmo2", True),
+                                         ("qwen3_moe", True), ("mixtral", False)])
 def test_kv_cache_matches_full_forward(hf_factory, family, scan):
   path = hf_factory(family)
   cfg = hf.config_from_hf(path, scan_layers=scan)
@@ -187,7 +190,7 @@ def test_mesh_errors():
     sharding.make_mesh(data=3, fsdp=1, tensor=1)
   with pytest.raises(ValueError, match="only one of"):
     sharding.make_mesh(data=-1, fsdp=-1)
-  assert dict(sharding.make_mesh(data=2, fsdp=-1, tensor=2).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert dict(sharding.make_mesh(data=2, fsdp=-1, tensor=2).shape) == {"data": 2, "expert": 1, "fsdp": 2, "tensor": 2}
   with pytest.raises(KeyError, match="matches no sharding rule"):
     sharding.spec_for(("nonsense",), (4,), sharding.make_mesh(), name="x")
 
@@ -308,7 +311,7 @@ def test_rope_scaling_matches_transformers(hf_factory, rope_parameters):
     np.testing.assert_allclose(np.asarray(short), np.asarray(plain), atol=1e-6)
 
 
-@pytest.mark.parametrize("family", ["gemma3_text", "phi3", "olmo2"])
+@pytest.mark.parametrize("family", ["gemma3_text", "phi3", "olmo2", "qwen3_moe", "mixtral"])
 def test_left_padded_and_packed_parity(hf_factory, family):
   """Left padding (positions from the mask, as generate sets them) and two packed documents per row."""
   path = hf_factory(family)
@@ -346,7 +349,7 @@ def test_unbuilt_model_options_are_rejected_at_load(tmp_path):
     hf.config_from_hf(g3)
 
 
-@pytest.mark.parametrize("family", ["gemma3_text", "phi3", "olmo2"])
+@pytest.mark.parametrize("family", ["gemma3_text", "phi3", "olmo2", "qwen3_moe", "mixtral"])
 def test_greedy_sampler_equals_transformers_generate(hf_factory, family):
   """The KV-cache sampler (left-padded prompts, unrolled layers, both rope sets) decodes HF's greedy tokens."""
   from jaxalign import sampling
@@ -365,7 +368,7 @@ def test_greedy_sampler_equals_transformers_generate(hf_factory, family):
   np.testing.assert_array_equal(np.asarray(out.tokens), ref[:, 8:].numpy())
 
 
-@pytest.mark.parametrize("family", ["gemma3_text", "phi3", "olmo2"])
+@pytest.mark.parametrize("family", ["gemma3_text", "phi3", "olmo2", "qwen3_moe", "mixtral"])
 def test_reward_model_export_scores_as_transformers(hf_factory, tmp_path, family):
   """A reward head exported as *ForSequenceClassification scores rows as jaxalign does, and loads back."""
   from jaxalign.models import heads

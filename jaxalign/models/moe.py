@@ -1,0 +1,227 @@
+"""Mixture-of-Experts MLP (Qwen3-MoE, Mixtral): top-k routing, dropless grouped matmuls, expert parallelism,
+and the router's load-balancing loss as transformers computes it.
+
+No [tokens, experts, hidden] tensor is ever built: each token's k (token, expert) pairs are sorted by expert
+and the experts run as one grouped matmul over the sorted rows (`grouped_matmul`): the Pallas megablox
+kernel on TPU, `jax.lax.ragged_dot` on GPU, and on CPU a scan over (row tile, expert) work items
+(`jax.lax.ragged_dot` off TPU/GPU lowers to a dense masked [experts, rows, ...] product: E times the work).
+
+Expert parallelism: expert weights are sharded over the `expert` mesh axis, and so is the token batch. In
+the MoE layer each device gathers the tokens of its expert group, runs the experts it holds on the pairs
+routed to them, and a reduce-scatter returns each device its own tokens' outputs (`moe_mlp`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jaxalign import sharding
+
+IMPLS = ("auto", "tiled", "ragged", "megablox")
+
+
+def route(cfg, x_ND, router_DE):
+  """(router logits [N, E] float32, top-k weights [N, k] float32, top-k expert ids [N, k]) as the HF routers:
+  softmax in float32, top-k of the probabilities, renormalised over the k when `cfg.norm_topk` (Mixtral
+  always; Qwen3-MoE's norm_topk_prob)."""
+  logits_NE = jnp.dot(x_ND, router_DE.astype(x_ND.dtype), preferred_element_type=jnp.float32)
+  probs_NE = jax.nn.softmax(logits_NE, axis=-1)
+  top_w, top_i = jax.lax.top_k(probs_NE, cfg.experts_per_token)
+  if cfg.norm_topk:
+    top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+  return logits_NE, top_w, top_i
+
+
+def aux_stats(cfg, logits_NE, top_i, mask_N):
+  """Per-layer sums for the load-balancing loss: (tokens routed to each expert [E], router probability mass
+  per expert [E], real tokens []), padding excluded. Summed over layers, `aux_loss` turns them into the loss."""
+  e = cfg.num_experts
+  m = mask_N.astype(jnp.float32)
+  counts = jnp.zeros((e,), jnp.float32).at[top_i.reshape(-1)].add(jnp.repeat(m, top_i.shape[-1]))
+  probs = jnp.sum(jax.nn.softmax(logits_NE, axis=-1) * m[:, None], axis=0)
+  return counts, probs, jnp.sum(m)
+
+
+def aux_loss(cfg, counts_E, probs_E, rows):
+  """transformers' `load_balancing_loss_func` (Switch Transformer eq. 4-6, accumulated over layers):
+  E * sum_e (routed fraction of e) * (mean router probability of e), both over all layers' real tokens."""
+  rows = jnp.maximum(rows, 1.0)
+  return cfg.num_experts * jnp.sum((counts_E / rows) * (probs_E / rows))
+
+
+def grouped_matmul(x_MD, w_GDF, group_sizes_G, impl: str = "auto"):
+  """Rows [M, D] sorted by group times their group's weight [G, D, F] -> [M, F]; rows past the groups' total
+  are zero. `impl`: 'megablox' (Pallas TPU kernel; interpret mode off TPU), 'ragged' (lax.ragged_dot),
+  'tiled' (scan over row tiles x groups), 'auto' by platform."""
+  if impl == "auto":
+    impl = {"tpu": "megablox", "gpu": "ragged", "cuda": "ragged", "rocm": "ragged"}.get(sharding.platform(), "tiled")
+  m = x_MD.shape[0]
+  total = jnp.sum(group_sizes_G)
+  valid = (jnp.arange(m) < total)[:, None]
+  if impl == "ragged":
+    y = jax.lax.ragged_dot(x_MD, w_GDF, group_sizes_G.astype(jnp.int32))
+  elif impl == "megablox":
+    y = _megablox(x_MD, w_GDF, group_sizes_G)
+  elif impl == "tiled":
+    y = _tiled(x_MD, w_GDF, group_sizes_G)
+  else:
+    raise ValueError(f"grouped_matmul impl={impl!r}: expected one of {IMPLS}")
+  return jnp.where(valid, y, jnp.zeros((), y.dtype))
+
+
+def _megablox(x_MD, w_GDF, group_sizes_G):
+  from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
+  m, d = x_MD.shape
+  f = w_GDF.shape[-1]
+  tm = min(128, _round_up(m, 8))
+  pad = _round_up(m, tm) - m
+  x = jnp.pad(x_MD, ((0, pad), (0, 0))) if pad else x_MD
+  y = megablox.gmm(x, w_GDF, group_sizes_G.astype(jnp.int32), x_MD.dtype, (tm, min(128, d), min(128, f)),
+                   None, None, False, sharding.platform() != "tpu")
+  return y[:m]
+
+
+def _round_up(n: int, k: int) -> int:
+  return -(-n // k) * k
+
+
+def _tiled(x_MD, w_GDF, group_sizes_G, tile: int = 64):
+  """Grouped matmul as a scan over work items (row tile, group): one [tile, D] x [D, F] product per tile and
+  per group that overlaps it (at most M / tile + G - 1 items), rows outside the group masked. Exact; FLOPs
+  within (1 + G * tile / M) of the ragged ideal; no buffer bigger than the output."""
+  m, d = x_MD.shape
+  g, _, f = w_GDF.shape
+  tile = min(tile, _round_up(m, 8))
+  mp = _round_up(m, tile)
+  x = jnp.pad(x_MD, ((0, mp - m), (0, 0)))
+  sizes = group_sizes_G.astype(jnp.int32)
+  ends = jnp.cumsum(sizes)
+  starts = ends - sizes
+  first = starts // tile
+  n_tiles = jnp.where(sizes > 0, (ends - 1) // tile - first + 1, 0)
+  item_end = jnp.cumsum(n_tiles)
+  items = mp // tile + g - 1
+  idx = jnp.arange(items)
+  grp = jnp.minimum(jnp.searchsorted(item_end, idx, side="right"), g - 1)
+  live = idx < item_end[-1]
+  tile_of = jnp.where(live, first[grp] + idx - (item_end[grp] - n_tiles[grp]), 0)
+
+  def body(out, it):
+    t, gi, ok = it
+    rows = t * tile + jnp.arange(tile)
+    keep = ok & (rows >= starts[gi]) & (rows < ends[gi])
+    xt = jax.lax.dynamic_slice_in_dim(x, t * tile, tile)
+    yt = jnp.dot(xt, w_GDF[gi], preferred_element_type=jnp.float32)
+    yt = jnp.where(keep[:, None], yt, 0.0)
+    cur = jax.lax.dynamic_slice_in_dim(out, t * tile, tile)
+    return jax.lax.dynamic_update_slice_in_dim(out, cur + yt, t * tile, 0), None
+
+  out, _ = jax.lax.scan(body, jnp.zeros((mp, f), jnp.float32), (tile_of, grp, live))
+  return out[:m].astype(x_MD.dtype)
+
+
+def _experts_local(cfg, act, x_ND, top_w, top_i, w_gate, w_up, w_down, first_expert, impl):
+  """Outputs [N, D] of the experts held here (ids first_expert .. + w_gate.shape[0]) for these tokens' pairs
+  routed to them (other pairs contribute zero: another device holds their expert)."""
+  n, k = top_i.shape
+  local_e = w_gate.shape[0]
+  e_local = top_i.reshape(-1) - first_expert
+  here = (e_local >= 0) & (e_local < local_e)
+  key = jnp.where(here, e_local, local_e)
+  order = jnp.argsort(key, stable=True)
+  rows = order // k
+  sizes = jnp.zeros((local_e + 1,), jnp.int32).at[key].add(1)[:local_e]
+  xs = x_ND[rows]
+  h = act(grouped_matmul(xs, w_gate, sizes, impl)) * grouped_matmul(xs, w_up, sizes, impl)
+  y = grouped_matmul(h, w_down, sizes, impl)
+  wt = jnp.where(here[order], top_w.reshape(-1)[order], 0.0).astype(y.dtype)
+  return jnp.zeros((n, x_ND.shape[1]), y.dtype).at[rows].add(y * wt[:, None])
+
+
+def moe_mlp(cfg, act, x_BTD, router_DE, w_gate, w_up, w_down, mask_BT, impl: str = "auto"):
+  """The MoE MLP of one layer: (output [B, T, D], aux stats (counts [E], probs [E], rows)).
+
+  Under a mesh it runs per device (shard_map): tokens stay where their batch shard is (the expert axis
+  shards the batch too), weights arrive whole over fsdp (gathered, as FSDP does) and split over `expert`
+  and over `tensor` (the expert MLP width, psum'd after the down projection)."""
+  b, t, d = x_BTD.shape
+  logits, top_w, top_i = route(cfg, x_BTD.reshape(b * t, d), router_DE)
+  stats = aux_stats(cfg, logits, top_i, mask_BT.reshape(-1) > 0)
+  top_w = top_w.reshape(b, t, -1)
+  top_i = top_i.reshape(b, t, -1)
+  mesh = jax.sharding.get_abstract_mesh()
+
+  def local(x, tw, ti, wg, wu, wd, ep_axis, gather):
+    bl = x.shape[0]
+    first = 0
+    if ep_axis:
+      first = jax.lax.axis_index(ep_axis) * wg.shape[0]
+      if gather:  # The expert group's tokens, so each device serves every pair routed to its experts.
+        x, tw, ti = (jax.lax.all_gather(a, ep_axis, axis=0, tiled=True) for a in (x, tw, ti))
+    n = x.shape[0] * x.shape[1]
+    y = _experts_local(cfg, act, x.reshape(n, d), tw.reshape(n, -1), ti.reshape(n, -1), wg, wu, wd, first, impl)
+    y = y.reshape(x.shape)
+    if tensor_axis:
+      y = jax.lax.psum(y, tensor_axis)
+    if ep_axis and gather:
+      y = jax.lax.psum_scatter(y, ep_axis, scatter_dimension=0, tiled=True)
+    elif ep_axis:
+      y = jax.lax.psum(y, ep_axis)
+    return y[:bl]
+
+  if mesh.empty or mesh.size == 1:
+    tensor_axis = None
+    return local(x_BTD, top_w, top_i, w_gate, w_up, w_down, None, False), stats
+  x_spec = sharding.spec_for(("act_batch", None, None), x_BTD.shape, mesh)
+  w_spec = sharding.spec_for(("expert", None, "mlp"), w_gate.shape, mesh)
+  wd_spec = P(w_spec[0], w_spec[2], None)
+  ep_axis, tensor_axis = w_spec[0], w_spec[2]
+  batch_axes = x_spec[0] if isinstance(x_spec[0], tuple) else (x_spec[0],)
+  gather = ep_axis is not None and ep_axis in batch_axes
+  fn = jax.shard_map(lambda *a: local(*a, ep_axis, gather), mesh=mesh,
+                     in_specs=(x_spec, x_spec, x_spec, w_spec, w_spec, wd_spec), out_specs=x_spec, check_vma=False)
+  return fn(x_BTD, top_w, top_i, w_gate, w_up, w_down), stats
+
+
+def check_divisible(cfg, mesh) -> None:
+  """The expert axis must divide the experts (each device holds the same number)."""
+  ep = dict(mesh.shape).get("expert", 1)
+  if cfg.num_experts and ep > 1 and cfg.num_experts % ep:
+    raise ValueError(f"mesh.expert={ep} does not divide model.num_experts={cfg.num_experts}")
+  if not cfg.num_experts and ep > 1:
+    raise ValueError(f"mesh.expert={ep} but the model has no experts: set mesh.expert=1")
+
+
+# A forward records its layers' aux stats here while it is traced (`collect` around the forward whose router
+# loss should count: the policy's, not a frozen reference's). Values stay within the trace that made them.
+_COLLECTORS: list[list] = []
+
+
+@contextlib.contextmanager
+def collect():
+  """Collects the router stats of the MoE forwards traced inside; `loss(cfg, box)` is their aux loss."""
+  box: list = []
+  _COLLECTORS.append(box)
+  try:
+    yield box
+  finally:
+    _COLLECTORS.pop()
+
+
+def record(stats) -> None:
+  if _COLLECTORS:
+    _COLLECTORS[-1].append(stats)
+
+
+def collected_loss(cfg, box: list):
+  """The load-balancing loss of the forwards collected in `box` (0.0 for a dense model)."""
+  if not box or not cfg.num_experts:
+    return jnp.zeros((), jnp.float32)
+  counts = sum(s[0] for s in box)
+  probs = sum(s[1] for s in box)
+  rows = sum(s[2] for s in box)
+  return aux_loss(cfg, counts, probs, rows)
