@@ -62,6 +62,9 @@ def grouped_matmul(x_MD, w_GDF, group_sizes_G, impl: str = "auto"):
   m = x_MD.shape[0]
   total = jnp.sum(group_sizes_G)
   valid = (jnp.arange(m) < total)[:, None]
+  # Rows past the groups' total are left unwritten by megablox, forward (its output) and backward (the
+  # input's gradient): `where` on both sides keeps their garbage out of values and gradients.
+  x_MD = jnp.where(valid, x_MD, jnp.zeros((), x_MD.dtype))
   if impl == "ragged":
     y = jax.lax.ragged_dot(x_MD, w_GDF, group_sizes_G.astype(jnp.int32))
   elif impl == "megablox":
@@ -225,3 +228,13 @@ def collected_loss(cfg, box: list):
   probs = sum(s[1] for s in box)
   rows = sum(s[2] for s in box)
   return aux_loss(cfg, counts, probs, rows)
+
+
+def add_router_loss(cfg, box: list, loss, weight):
+  """(loss + router_aux_coef x aux x weight, {'router_aux_loss': aux x weight}) for a MoE model, else
+  (loss, {}). `weight` is the loss's denominator for sum-form losses (the steps divide the sums by it), 1
+  for mean-form ones: either way the trained objective is loss / weight + coef x aux, as HF adds it."""
+  if not cfg.num_experts:
+    return loss, {}
+  aux = collected_loss(cfg, box)
+  return loss + cfg.router_aux_coef * aux * weight, {"router_aux_loss": aux * weight}

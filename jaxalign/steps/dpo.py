@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from jaxalign import sharding
 from jaxalign.losses import preference
-from jaxalign.models import transformer
+from jaxalign.models import moe, transformer
 from jaxalign.steps.state import TrainState, accumulate, apply_update
 
 REFERENCE_FREE = ("simpo", "orpo")
@@ -45,7 +45,8 @@ def reference_logps(model_cfg, frozen, batch, params=None, after=None):
 
 
 def dpo_loss(params, batch, frozen, *, model_cfg, loss_cfg):
-  lp, n = response_logps(model_cfg, params["model"], batch)
+  with moe.collect() as router:  # The policy's router loss only (not the reference's).
+    lp, n = response_logps(model_cfg, params["model"], batch)
   n = jnp.maximum(n, 1.0)
   mean = lp / n
   if loss_cfg.type in REFERENCE_FREE:
@@ -66,7 +67,8 @@ def dpo_loss(params, batch, frozen, *, model_cfg, loss_cfg):
   sums = {"rewards/chosen": s(rew_c), "rewards/rejected": s(rew_r), "rewards/margins": s(rew_c - rew_r),
           "rewards/accuracies": s((rew_c > rew_r).astype(jnp.float32)), "logps/chosen": s(lp[:, 0]),
           "logps/rejected": s(lp[:, 1])}
-  return s(losses), (jnp.sum(valid), sums)
+  loss, extra = moe.add_router_loss(model_cfg, router, s(losses), jnp.sum(valid))
+  return loss, (jnp.sum(valid), sums | extra)
 
 
 def dpo_step(state: TrainState, batch, *, model_cfg, loss_cfg, tx, schedule=None, grad_accum: int = 1,
@@ -92,7 +94,8 @@ def dpo_eval_metrics(s: dict) -> dict:
 def kto_loss(params, batch, frozen, *, model_cfg, loss_cfg):
   """`batch`: tokens.. [B, 2, T] with row 0 the completion and row 1 a mismatched (prompt_i, completion_j)
   for the KL baseline; label [B] (1 = desirable); valid [B]."""
-  lp, _ = response_logps(model_cfg, params["model"], batch)
+  with moe.collect() as router:
+    lp, _ = response_logps(model_cfg, params["model"], batch)
   ref = reference_logps(model_cfg, frozen, batch, params["model"], after=lp)
   valid = batch["valid"]
   kl = jax.lax.stop_gradient(jnp.maximum(jnp.sum((lp[:, 1] - ref[:, 1]) * valid) / jnp.maximum(valid.sum(), 1), 0.0))
@@ -102,7 +105,8 @@ def kto_loss(params, batch, frozen, *, model_cfg, loss_cfg):
   u = (1 - batch["label"]) * valid
   sums = {"rewards/desirable": jnp.sum(rew * d), "rewards/undesirable": jnp.sum(rew * u),
           "count/desirable": jnp.sum(d), "count/undesirable": jnp.sum(u), "kl": kl * jnp.sum(valid)}
-  return jnp.sum(losses * valid), (jnp.sum(valid), sums)
+  loss, extra = moe.add_router_loss(model_cfg, router, jnp.sum(losses * valid), jnp.sum(valid))
+  return loss, (jnp.sum(valid), sums | extra)
 
 
 def kto_step(state: TrainState, batch, *, model_cfg, loss_cfg, tx, schedule=None, grad_accum: int = 1,

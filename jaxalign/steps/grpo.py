@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.losses import rl
+from jaxalign.models import moe
 from jaxalign.steps import policy
 from jaxalign.steps.policy import Rollout
 from jaxalign.steps.state import TrainState, apply_update, sub_state
@@ -48,8 +49,9 @@ def on_policy(grpo_cfg) -> bool:
 
 
 def _loss(params, mb: dict, *, cfg, grpo_cfg, temperature, prompt_len, max_len, global_tokens, group):
-  lp_BN = policy.response_logprobs(cfg, params["model"], mb["tokens"], mb["positions"], mb["segment_ids"],
-                                   prompt_len, temperature, group=group)
+  with moe.collect() as router:
+    lp_BN = policy.response_logprobs(cfg, params["model"], mb["tokens"], mb["positions"], mb["segment_ids"],
+                                     prompt_len, temperature, group=group)
   mask_BN = mb["mask"]
   old_BN = jax.lax.stop_gradient(lp_BN) if on_policy(grpo_cfg) else mb["old_logp"]
   ref_BN = jax.lax.stop_gradient(lp_BN) if mb["ref_logp"] is None else mb["ref_logp"]  # None: a zero KL.
@@ -66,8 +68,9 @@ def _loss(params, mb: dict, *, cfg, grpo_cfg, temperature, prompt_len, max_len, 
   loss = rl.aggregate(pl_BN + grpo_cfg.kl_coef * kl_BN, mask_BN, grpo_cfg.loss_norm, max_len, global_tokens)
   n = jnp.maximum(mask_BN.sum(), 1.0)
   rows = jnp.maximum(mask_BN.shape[0], 1)
+  loss, extra = moe.add_router_loss(cfg, router, loss, 1.0)
   # kl: per response (summed over its tokens, averaged over rows), as PPO and the evals report it.
-  return loss, {"clipfrac": clipped_BN.sum() / n, "approx_kl": approx_kl_BN.sum() / n, "kl": kl_BN.sum() / rows,
+  return loss, extra | {"clipfrac": clipped_BN.sum() / n, "approx_kl": approx_kl_BN.sum() / n, "kl": kl_BN.sum() / rows,
                 "policy_loss": pl_BN.sum() / n}
 
 

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign import sharding
+from jaxalign.models import moe
 from jaxalign.losses import rl
 from jaxalign.losses.lm import masked_mean
 from jaxalign.steps import policy
@@ -55,13 +56,15 @@ def make_experience(state: TrainState, prompts_BP, prompt_mask_BP, rng, *, cfg, 
 
 
 def _policy_loss(pol_params, mb: Rollout, *, cfg, ppo_cfg, temperature):
-  lp_BN = policy.response_logprobs(cfg, pol_params["model"], mb.tokens_BS, mb.positions_BS, mb.segment_ids_BS,
-                                   mb.prompt_len, temperature)
+  with moe.collect() as router:
+    lp_BN = policy.response_logprobs(cfg, pol_params["model"], mb.tokens_BS, mb.positions_BS, mb.segment_ids_BS,
+                                     mb.prompt_len, temperature)
   pl_BN, clipped_BN, approx_kl_BN = rl.ppo_policy_loss(lp_BN, mb.old_logp_BN, mb.advantages_BN, mb.mask_BN,
                                                        ppo_cfg.clip)
   n = jnp.maximum(mb.mask_BN.sum(), 1.0)
   loss = pl_BN.sum() / n
-  return loss, {"policy_loss": loss, "clipfrac": clipped_BN.sum() / n, "approx_kl": approx_kl_BN.sum() / n}
+  total, extra = moe.add_router_loss(cfg, router, loss, 1.0)
+  return total, extra | {"policy_loss": loss, "clipfrac": clipped_BN.sum() / n, "approx_kl": approx_kl_BN.sum() / n}
 
 
 def _value_loss(val_params, mb: Rollout, *, cfg, ppo_cfg):

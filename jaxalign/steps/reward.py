@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxalign.losses.preference import bradley_terry
+from jaxalign.models import moe
 from jaxalign.models.heads import sequence_scores
 from jaxalign.steps.state import TrainState, accumulate, apply_update
 
@@ -22,13 +23,15 @@ def pair_scores(model_cfg, params, batch):
 
 
 def reward_loss(params, batch, *, model_cfg, center_coef: float = 0.0, use_margin: bool = True):
-  r = pair_scores(model_cfg, params, batch)
+  with moe.collect() as router:
+    r = pair_scores(model_cfg, params, batch)
   rc, rr = r[:, 0], r[:, 1]
   valid = batch["valid"]
   loss = bradley_terry(rc, rr, batch["margin"] if use_margin else None, center_coef) * valid
   sums = {"accuracy": jnp.sum((rc > rr) * valid), "margin": jnp.sum((rc - rr) * valid),
           "reward_mean": jnp.sum((rc + rr) * valid) / 2, "reward_sq": jnp.sum((rc ** 2 + rr ** 2) * valid) / 2}
-  return jnp.sum(loss), (jnp.sum(valid), sums)
+  total, extra = moe.add_router_loss(model_cfg, router, jnp.sum(loss), jnp.sum(valid))
+  return total, (jnp.sum(valid), sums | extra)
 
 
 def _finish(m):

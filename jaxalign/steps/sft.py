@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxalign.models import transformer
+from jaxalign.models import moe, transformer
 from jaxalign.steps.state import TrainState, accumulate, apply_update
 
 
 def sft_loss(params, batch, *, model_cfg):
   """(sum of token NLL, (trained-token count, {})): the caller divides once over all microbatches."""
-  lp_BW, _ = transformer.token_logprobs(model_cfg, params["model"], batch["tokens"], batch["positions"],
-                                        batch["segment_ids"], batch["targets"])
+  with moe.collect() as router:
+    lp_BW, _ = transformer.token_logprobs(model_cfg, params["model"], batch["tokens"], batch["positions"],
+                                          batch["segment_ids"], batch["targets"])
   w_BW = batch["weights"].astype(jnp.float32)
-  nll = -jnp.sum(lp_BW * w_BW)
-  return nll, (jnp.sum(w_BW), {})
+  n = jnp.sum(w_BW)
+  nll, sums = moe.add_router_loss(model_cfg, router, -jnp.sum(lp_BW * w_BW), n)
+  return nll, (n, sums)
 
 
 def sft_step(state: TrainState, batch: dict, *, model_cfg, tx, schedule=None, grad_accum: int = 1,
