@@ -38,6 +38,28 @@ def make_llama(path: str, tok, **kw) -> str:
   return path
 
 
+def make_moe(path: str, tok_dir: str) -> str:
+  """A random Qwen3-MoE (8 experts, top 2, routers redrawn: HF's zero routers tie every expert) with the
+  tiny tokenizer."""
+  import torch
+  import transformers
+
+  tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
+  torch.manual_seed(0)
+  cfg = transformers.Qwen3MoeConfig(vocab_size=len(tok) + (-len(tok) % 16), hidden_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
+                                    num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+                                    max_position_embeddings=512, bos_token_id=tok.bos_token_id,
+                                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+  model = transformers.Qwen3MoeForCausalLM(cfg)
+  with torch.no_grad():
+    for layer in model.model.layers:
+      layer.mlp.gate.weight.normal_(0.0, 0.5)
+  model.save_pretrained(path)
+  tok.save_pretrained(path)
+  return path
+
+
 def write_jsonl(path: str, rows: list[dict]) -> str:
   with open(path, "w") as f:
     for r in rows:

@@ -75,6 +75,18 @@ def test_sft_two_processes_match_one(tiny, tmp_path):
   _check_pair(args, tmp_path, "sft", steps=4, more=2)
 
 
+def test_moe_expert_parallel_two_processes_match_one(tiny, tmp_path):
+  """A Qwen3-MoE SFT run with experts over a 4-way expert axis spanning both processes (2 experts per
+  device; tokens gathered and reduce-scattered across processes) equals one process x 8 devices."""
+  from tests.fixtures import make_moe
+  model = make_moe(str(tmp_path / "moe"), tiny["model"])
+  args = ["--config=configs/sft.py:tiny", f"--config.model.init={model}", f"--config.data.train={tiny['train']}",
+          f"--config.data.eval={tiny['eval']}"]
+  la, _ = _check_pair(args, tmp_path, "moe", steps=3, more=0, extra=("--config.mesh.data=1", "--config.mesh.expert=4"))
+  rows = [json.loads(x) for x in open(tmp_path / "moe_1proc" / "metrics.jsonl")]
+  assert all(r["router_aux_loss"] > 0.9 for r in rows if r["split"] == "train")
+
+
 def _online_pair(args, tmp_path, name, keys):
   """Same sampled rollouts and updates (threefry keys are sharding-invariant) in 2x4 and 1x8 devices."""
   common = args + ["--config.train.steps=3", "--config.eval.every=2", "--config.eval.max_batches=2",
