@@ -7,11 +7,12 @@ import math
 import jax
 
 from jaxalign import sharding
-from jaxalign.models import heads, hf, transformer
+from jaxalign.models import heads, hf, moe, transformer
 from jaxalign.models.config import ModelConfig
 
 
 def param_shardings(cfg: ModelConfig, mesh, rules=None):
+  moe.check_divisible(cfg, mesh)
   shapes, axes = transformer.abstract_params(cfg)
   return sharding.tree_shardings(shapes, axes, mesh, rules)
 

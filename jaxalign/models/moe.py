@@ -191,12 +191,16 @@ def moe_mlp(cfg, act, x_BTD, router_DE, w_gate, w_up, w_down, mask_BT, impl: str
 
 
 def check_divisible(cfg, mesh) -> None:
-  """The expert axis must divide the experts (each device holds the same number)."""
+  """The expert axis must divide the experts (each device holds the same number of whole experts).
+
+  A model without experts on a mesh with an expert axis is fine: the axis is one of the batch axes, so a dense
+  reward or reference model beside an MoE policy simply runs data-parallel over it."""
+  from jaxalign.errors import ConfigError
   ep = dict(mesh.shape).get("expert", 1)
   if cfg.num_experts and ep > 1 and cfg.num_experts % ep:
-    raise ValueError(f"mesh.expert={ep} does not divide model.num_experts={cfg.num_experts}")
-  if not cfg.num_experts and ep > 1:
-    raise ValueError(f"mesh.expert={ep} but the model has no experts: set mesh.expert=1")
+    divisors = [d for d in range(1, cfg.num_experts + 1) if cfg.num_experts % d == 0 and d <= mesh.devices.size]
+    raise ConfigError(f"mesh.expert={ep} does not divide the model's {cfg.num_experts} experts "
+                      f"(model.num_experts): set --config.mesh.expert to one of {divisors}")
 
 
 # A forward records its layers' aux stats here while it is traced (`collect` around the forward whose router

@@ -127,3 +127,14 @@ def test_expert_parallel_equals_unsharded():
     got = jax.jit(jax.value_and_grad(loss))(placed, jax.device_put(tok, bs), jax.device_put(seg, bs))
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4), got[1], want[1])
+
+
+def test_expert_axis_must_divide_the_experts():
+  """mesh.expert that does not divide the experts is a config error naming both keys and the choices; a dense
+  model on an expert axis is data parallel over it."""
+  from jaxalign.errors import ConfigError
+  cfg = _moe_cfg(num_experts=12)
+  mesh = sharding.make_mesh(data=1, expert=8, fsdp=1, tensor=1)
+  with pytest.raises(ConfigError, match=r"mesh\.expert=8 does not divide .*model\.num_experts.*set --config\.mesh\.expert"):
+    build.param_shardings(cfg, mesh)
+  build.param_shardings(preset("tiny"), mesh)
