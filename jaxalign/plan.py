@@ -67,20 +67,7 @@ def compile_plan(config, topology: str = "", num_slices: int = 1, *, extrapolate
           "rows per pass (train.batch_size, x grpo.group_size, / minibatches) a multiple of " + str(dp))
   layers = _num_layers(config)
   if extrapolate and layers > 2 and topo is not None:
-    times = [_program_times(config, mesh, n) for n in (1, 2)]
-    for name, row in out["programs"].items():
-      if name in times[0] and name in times[1]:
-        (t1, b1), (t2, b2) = times[0][name], times[1][name]
-        if t1 > 0 and t2 > t1:
-          row["step_seconds"] = t1 + (layers - 1) * (t2 - t1)
-          row["step_seconds_from"] = (f"unrolled 1- and 2-layer compiles: {t1:.4g} + {layers - 1} x "
-                                      f"({t2:.4g} - {t1:.4g})")
-        else:  # Seen with libtpu 0.0.42 on v5e-256: negative times. No time rather than a wrong one.
-          row.pop("step_seconds", None)
-          row["step_seconds_from"] = (f"none: the cost model gave {t1:.4g} s (1 layer) and {t2:.4g} s (2 layers) "
-                                      "for this topology")
-        row["collective_bytes_per_step"] = {op: b1.get(op, 0) + (layers - 1) * (b2.get(op, 0) - b1.get(op, 0))
-                                            for op in sorted(set(b1) | set(b2))}
+    _extrapolate(config, mesh, out["programs"])
   for name, row in out["programs"].items():
     flops = _model_flops(config, name, layers)
     if flops:
@@ -126,12 +113,53 @@ def _oom_row(message: str, args) -> dict:
           "argument_bytes": arguments, "output_bytes": 0, "alias_bytes": 0, "peak_bytes": temp + arguments}
 
 
-def _program_times(config, mesh, layers: int) -> dict:
-  """(cost-model seconds, collective bytes by op) of each program with the model cut to `layers` unrolled
-  layers."""
+def _extrapolate(config, mesh, rows: dict) -> None:
+  """Whole-model step time and collective bytes from unrolled cut models (XLA's cost model counts a scanned
+  layer body once). One kind of layer: T1 + (L - 1)(T2 - T1). Mixed kinds (sliding and global attention): the
+  first layer's kind k0 alone gives T1; [k0, k] gives each kind's marginal cost m_k = T(k0, k) - T1; the model
+  is T1 + sum over kinds of (count_k - [k = k0]) m_k."""
+  types = _layer_types(config)
+  kinds = list(dict.fromkeys(types))
+  k0 = types[0]
+  base = _program_times(config, mesh, [k0], len(kinds) == 1)
+  pairs = {k: _program_times(config, mesh, [k0, k], len(kinds) == 1) for k in kinds}
+  counts = collections.Counter(types)
+  weights = {k: counts[k] - (k == k0) for k in kinds}
+  for name, row in rows.items():
+    if name not in base or any(name not in pairs[k] for k in kinds):
+      continue
+    t1, b1 = base[name]
+    margins = {k: pairs[k][name][0] - t1 for k in kinds}
+    if t1 > 0 and all(m > 0 for m in margins.values()):
+      row["step_seconds"] = t1 + sum(weights[k] * margins[k] for k in kinds)
+      terms = " + ".join(f"{weights[k]} x {margins[k]:.4g}" + (f" ({k})" if len(kinds) > 1 else "")
+                         for k in kinds)
+      row["step_seconds_from"] = f"unrolled cut models: {t1:.4g} (first layer) + {terms}"
+    else:  # Seen with libtpu 0.0.42 on v5e-256: negative times. No time rather than a wrong one.
+      row.pop("step_seconds", None)
+      row["step_seconds_from"] = (f"none: the cost model gave {t1:.4g} s for one layer and layer margins "
+                                  f"{ {k: round(m, 6) for k, m in margins.items()} } for this topology")
+    ops = set(b1).union(*(pairs[k][name][1] for k in kinds))
+    row["collective_bytes_per_step"] = {
+        op: b1.get(op, 0) + sum(weights[k] * (pairs[k][name][1].get(op, 0) - b1.get(op, 0)) for k in kinds)
+        for op in sorted(ops)}
+
+
+def _layer_types(config) -> tuple[str, ...]:
+  from jaxalign.loops import setup
+  cfg = setup.resolve_model_config(config.model.init, config.model)
+  return tuple(cfg.layer_types) if cfg.layer_types else ("layer",) * cfg.num_layers
+
+
+def _program_times(config, mesh, kinds: list[str], uniform: bool) -> dict:
+  """(cost-model seconds, collective bytes by op) of each program with the model cut to the given unrolled
+  layers (`uniform`: by count, the model's own layer kind)."""
   c = config.copy_and_resolve_references()
-  with c.unlocked():
-    c.model.plan_layers = layers  # Read by setup.resolve_model_config; plans only.
+  with c.unlocked():  # Read by setup.resolve_model_config; plans only.
+    if uniform:
+      c.model.plan_layers = len(kinds)
+    else:
+      c.model.plan_layer_types = ",".join(kinds)
   parts = stages.module(c).build(c, "", mesh=mesh, abstract=True)
   out = {}
   for name, (fn, args) in parts.programs.items():
@@ -158,9 +186,11 @@ def _num_layers(config) -> int:
 
 
 def _model_flops(config, program: str, layers: int) -> float:
-  """Model FLOPs of one train step, the usual MFU convention: 6 x the matmul params per trained token (the
-  input embedding is a lookup, not a matmul; the reward stage runs no LM head) plus causal attention
-  (6 L T H N per token, half of the full 12); 0 for programs that do not train (sampling)."""
+  """Model FLOPs of one train step, the usual MFU convention: 6 x the matmul params a token uses (the input
+  embedding is a lookup, not a matmul; the reward stage runs no LM head; an MoE token uses its k experts, not
+  all) plus attention: 12 H N per token per layer per attended key, a causal layer attending T / 2 keys
+  on average and a sliding layer of window W fewer (the usual 6 L T H N when no layer slides); 0 for programs
+  that do not train (sampling)."""
   from jaxalign.loops import setup
   if program not in ("train_step",):
     return 0.0
@@ -169,8 +199,17 @@ def _model_flops(config, program: str, layers: int) -> float:
   t = config.train.seq_len
   vd = cfg.vocab_size * cfg.hidden_size
   matmul = cfg.num_params() - (0 if cfg.tie_embeddings else vd) - (vd if config.stage == "reward" else 0)
-  attn = 6 * layers * t * cfg.num_heads * cfg.head_dim
-  return float(rows * t * (6 * matmul + attn))
+  if cfg.num_experts:  # Experts a token does not visit.
+    matmul -= cfg.num_layers * (cfg.num_experts - cfg.experts_per_token) * 3 * cfg.hidden_size * cfg.expert_size
+  keys = sum(_mean_keys(t, w) for w in cfg.window_sizes())
+  return float(rows * t * (6 * matmul + 12 * cfg.num_heads * cfg.head_dim * keys))
+
+
+def _mean_keys(t: int, window: int) -> float:
+  """Keys a query attends on average over a causal row of t tokens (window 0: unlimited)."""
+  if not window or window >= t:
+    return t / 2
+  return window - window * (window - 1) / (2 * t)
 
 
 def collective_counts(hlo: str) -> dict:

@@ -69,10 +69,16 @@ def resolve_model_config(init: str, model_group, tokenizer=None) -> ModelConfig:
   """The architecture of model.init (run dir, HF dir) or of model.preset, with the model.* overrides.
 
   `model.plan_layers` exists only in the compile plan's copies of a config: the model cut to that many
-  unrolled layers (XLA's cost model counts a scanned layer body once; the plan extrapolates from 1 and 2)."""
+  unrolled layers (XLA's cost model counts a scanned layer body once; the plan extrapolates from 1 and 2);
+  `model.plan_layer_types` likewise cuts it to the listed layer kinds (models that mix sliding and global
+  layers)."""
   cfg = _resolve_model_config(init, model_group, tokenizer)
+  kinds = model_group.get("plan_layer_types")  # Comma-separated: the cut model's layers by kind.
   n = model_group.get("plan_layers")
-  if n:
+  if kinds:
+    types = tuple(kinds.split(","))
+    cfg = cfg.replace(num_layers=len(types), scan_layers=False, layer_types=types)
+  elif n:
     cfg = cfg.replace(num_layers=int(n), scan_layers=False,
                       layer_types=tuple(cfg.layer_types[:int(n)]) if cfg.layer_types else None)
   return cfg

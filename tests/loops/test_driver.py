@@ -39,7 +39,7 @@ def test_dry_run_compiles_every_stage_from_shapes_alone(stage):
   want = {"sft": ["train_step"], "reward": ["train_step"], "dpo": ["train_step"], "ppo": ["iteration"],
           "grpo": ["rollout", "update"], "evaluate": ["sample"]}[stage]
   assert sorted(out["programs"]) == sorted(want)
-  assert out["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert out["mesh"] == {"data": 2, "expert": 1, "fsdp": 4, "tensor": 1}
   for row in out["programs"].values():
     assert row["peak_bytes"] >= row["argument_bytes"] > 0
   if stage in ("dpo", "ppo"):  # A frozen reference (and PPO's reward model) is part of the plan.
