@@ -118,6 +118,8 @@ def _extrapolate(config, mesh, rows: dict) -> None:
   layer body once). One kind of layer: T1 + (L - 1)(T2 - T1). Mixed kinds (sliding and global attention): the
   first layer's kind k0 alone gives T1; [k0, k] gives each kind's marginal cost m_k = T(k0, k) - T1; the model
   is T1 + sum over kinds of (count_k - [k = k0]) m_k."""
+  from jaxalign.loops import setup
+  experts = setup.resolve_model_config(config.model.init, config.model).num_experts
   types = _layer_types(config)
   kinds = list(dict.fromkeys(types))
   k0 = types[0]
@@ -135,6 +137,9 @@ def _extrapolate(config, mesh, rows: dict) -> None:
       terms = " + ".join(f"{weights[k]} x {margins[k]:.4g}" + (f" ({k})" if len(kinds) > 1 else "")
                          for k in kinds)
       row["step_seconds_from"] = f"unrolled cut models: {t1:.4g} (first layer) + {terms}"
+      if experts:
+        row["step_seconds_from"] += (" (expert matmuls priced as XLA's ragged_dot: the cost model sees neither "
+                                     "inside the megablox kernel nor its group-metadata scatter)")
     else:  # Seen with libtpu 0.0.42 on v5e-256: negative times. No time rather than a wrong one.
       row.pop("step_seconds", None)
       row["step_seconds_from"] = (f"none: the cost model gave {t1:.4g} s for one layer and layer margins "
@@ -156,6 +161,8 @@ def _program_times(config, mesh, kinds: list[str], uniform: bool) -> dict:
   layers (`uniform`: by count, the model's own layer kind)."""
   c = config.copy_and_resolve_references()
   with c.unlocked():  # Read by setup.resolve_model_config; plans only.
+    if c.model.get("moe_impl", "auto") in ("auto", "megablox"):  # Megablox: no cost-model time (see above).
+      c.model.moe_impl = "ragged"
     if uniform:
       c.model.plan_layers = len(kinds)
     else:

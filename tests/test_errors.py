@@ -97,6 +97,15 @@ def test_config_errors_are_user_errors_and_value_errors():
     dpo.build(cfg, "/tmp/unused")
 
 
+@pytest.mark.parametrize("key,value,match", [("attention", "bogus", r"model\.attention='bogus': expected auto"),
+                                             ("moe_impl", "fast", r"model\.moe_impl='fast': expected auto"),
+                                             ("remat", "some", r"model\.remat='some': expected none")])
+def test_a_bad_model_value_names_its_key(key, value, match):
+  cfg = load_config("sft", "tiny", **{f"model__{key}": value})
+  with pytest.raises(errors.ConfigError, match=match):
+    setup.resolve_model_config("", cfg.model)
+
+
 def test_console_command_runs_outside_the_checkout(tmp_path):
   """`jaxalign train --config=<stage name>` finds the installed config from any directory (no configs/ there)."""
   exe = shutil.which("jaxalign")

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 
 from jaxalign import checkpoint, paths, sharding
 from jaxalign.data import examples
-from jaxalign.errors import ConfigError
+from jaxalign.errors import ConfigError, UserError
 from jaxalign.models import build, heads, hf, lora, transformer
 from jaxalign.models.config import ModelConfig, preset
 from jaxalign.optim import make_optimizer
@@ -24,10 +24,13 @@ from jaxalign.steps.state import TrainState, create
 
 def model_overrides(model_cfg) -> dict:
   """The model.* keys that override a checkpoint's architecture config."""
-  return dict(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, remat=model_cfg.remat,
-            scan_layers=model_cfg.scan_layers, attention=model_cfg.attention, lora_rank=model_cfg.lora_rank,
-            lora_alpha=model_cfg.lora_alpha, lora_targets=tuple(model_cfg.lora_targets),
-            vocab_tiles=model_cfg.get("vocab_tiles", 0))
+  out = dict(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, remat=model_cfg.remat,
+             scan_layers=model_cfg.scan_layers, attention=model_cfg.attention, lora_rank=model_cfg.lora_rank,
+             lora_alpha=model_cfg.lora_alpha, lora_targets=tuple(model_cfg.lora_targets),
+             vocab_tiles=model_cfg.get("vocab_tiles", 0), moe_impl=model_cfg.get("moe_impl", "auto"))
+  if model_cfg.get("router_aux_coef", -1.0) >= 0:  # Negative: keep the checkpoint's own coefficient.
+    out["router_aux_coef"] = float(model_cfg.router_aux_coef)
+  return out
 
 
 def tokenizer_path(init: str, explicit: str = "") -> str:
@@ -72,7 +75,13 @@ def resolve_model_config(init: str, model_group, tokenizer=None) -> ModelConfig:
   unrolled layers (XLA's cost model counts a scanned layer body once; the plan extrapolates from 1 and 2);
   `model.plan_layer_types` likewise cuts it to the listed layer kinds (models that mix sliding and global
   layers)."""
-  cfg = _resolve_model_config(init, model_group, tokenizer)
+  try:
+    cfg = _resolve_model_config(init, model_group, tokenizer)
+  except UserError:
+    raise
+  except ValueError as e:  # ModelConfig's checks: "<field>=<value>: <what is expected>".
+    field = str(e).split("=", 1)[0]
+    raise ConfigError(f"model.{e}" if field in model_group else f"{init or 'model.preset'}: {e}") from e
   kinds = model_group.get("plan_layer_types")  # Comma-separated: the cut model's layers by kind.
   n = model_group.get("plan_layers")
   if kinds:

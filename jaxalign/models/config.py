@@ -92,12 +92,12 @@ class ModelConfig:
     if not 0 < self.partial_rotary_factor <= 1 or int(self.head_dim * self.partial_rotary_factor) % 2:
       raise ValueError(f"partial_rotary_factor={self.partial_rotary_factor}: must rotate an even number of the "
                        f"{self.head_dim} head dims")
+    if self.moe_impl not in ("auto", "tiled", "ragged", "megablox"):
+      raise ValueError(f"moe_impl={self.moe_impl!r}: expected auto|tiled|ragged|megablox")
     if self.num_experts:
       if not 0 < self.experts_per_token <= self.num_experts or self.expert_size <= 0:
         raise ValueError(f"num_experts={self.num_experts}, experts_per_token={self.experts_per_token}, "
                          f"expert_size={self.expert_size}: need 0 < experts_per_token <= num_experts and expert_size > 0")
-      if self.moe_impl not in ("auto", "tiled", "ragged", "megablox"):
-        raise ValueError(f"moe_impl={self.moe_impl!r}: expected auto|tiled|ragged|megablox")
       if {"w_gate", "w_up", "w_down"} & set(self.lora_targets) and self.lora_rank:
         raise ValueError("lora_targets: the MLP of a Mixture-of-Experts model is its experts, which LoRA does not "
                          "adapt here; target the attention projections (wq wk wv wo)")

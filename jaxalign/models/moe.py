@@ -30,7 +30,10 @@ def route(cfg, x_ND, router_DE):
   always; Qwen3-MoE's norm_topk_prob)."""
   logits_NE = jnp.dot(x_ND, router_DE.astype(x_ND.dtype), preferred_element_type=jnp.float32)
   probs_NE = jax.nn.softmax(logits_NE, axis=-1)
-  top_w, top_i = jax.lax.top_k(probs_NE, cfg.experts_per_token)
+  _, top_i = jax.lax.top_k(jax.lax.stop_gradient(probs_NE), cfg.experts_per_token)
+  # The chosen probabilities by a one-hot product, not top_k's own values: top_k's gradient is a scalar
+  # scatter, which serialises on TPU (and which XLA's TPU cost model cannot price).
+  top_w = jnp.einsum("ne,nke->nk", probs_NE, jax.nn.one_hot(top_i, cfg.num_experts, dtype=probs_NE.dtype))
   if cfg.norm_topk:
     top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
   return logits_NE, top_w, top_i
@@ -41,7 +44,8 @@ def aux_stats(cfg, logits_NE, top_i, mask_N):
   per expert [E], real tokens []), padding excluded. Summed over layers, `aux_loss` turns them into the loss."""
   e = cfg.num_experts
   m = mask_N.astype(jnp.float32)
-  counts = jnp.zeros((e,), jnp.float32).at[top_i.reshape(-1)].add(jnp.repeat(m, top_i.shape[-1]))
+  keys = jnp.where(jnp.repeat(mask_N, top_i.shape[-1]), top_i.reshape(-1), e)  # Padding counts nowhere.
+  counts = histogram(jnp.sort(keys), e).astype(jnp.float32)
   probs = jnp.sum(jax.nn.softmax(logits_NE, axis=-1) * m[:, None], axis=0)
   return counts, probs, jnp.sum(m)
 
@@ -53,12 +57,23 @@ def aux_loss(cfg, counts_E, probs_E, rows):
   return cfg.num_experts * jnp.sum((counts_E / rows) * (probs_E / rows))
 
 
+def histogram(sorted_keys, length: int):
+  """Occurrences of 0 .. length - 1 in sorted int keys (others ignored), by binary search rather than a
+  scatter-add of ones: on TPU a scalar scatter with colliding indices serialises (and XLA's TPU cost model
+  cannot price it: it returns a negative step time for any program holding one)."""
+  edges = jnp.searchsorted(sorted_keys, jnp.arange(length + 1, dtype=sorted_keys.dtype), side="left")
+  return jnp.diff(edges).astype(jnp.int32)
+
+
 def grouped_matmul(x_MD, w_GDF, group_sizes_G, impl: str = "auto"):
   """Rows [M, D] sorted by group times their group's weight [G, D, F] -> [M, F]; rows past the groups' total
   are zero. `impl`: 'megablox' (Pallas TPU kernel; interpret mode off TPU), 'ragged' (lax.ragged_dot),
-  'tiled' (scan over row tiles x groups), 'auto' by platform."""
+  'tiled' (scan over row tiles x groups), 'auto' by platform. Megablox's TPU blocks must be multiples of 128
+  in D and F (every released MoE's are); other widths (tiny test models) take ragged_dot on TPU too."""
   if impl == "auto":
     impl = {"tpu": "megablox", "gpu": "ragged", "cuda": "ragged", "rocm": "ragged"}.get(sharding.platform(), "tiled")
+    if impl == "megablox" and (x_MD.shape[1] % 128 or w_GDF.shape[-1] % 128):
+      impl = "ragged"
   m = x_MD.shape[0]
   total = jnp.sum(group_sizes_G)
   valid = (jnp.arange(m) < total)[:, None]
@@ -137,12 +152,15 @@ def _experts_local(cfg, act, x_ND, top_w, top_i, w_gate, w_up, w_down, first_exp
   key = jnp.where(here, e_local, local_e)
   order = jnp.argsort(key, stable=True)
   rows = order // k
-  sizes = jnp.zeros((local_e + 1,), jnp.int32).at[key].add(1)[:local_e]
+  sizes = histogram(key[order], local_e)
   xs = x_ND[rows]
   h = act(grouped_matmul(xs, w_gate, sizes, impl)) * grouped_matmul(xs, w_up, sizes, impl)
   y = grouped_matmul(h, w_down, sizes, impl)
-  wt = jnp.where(here[order], top_w.reshape(-1)[order], 0.0).astype(y.dtype)
-  return jnp.zeros((n, x_ND.shape[1]), y.dtype).at[rows].add(y * wt[:, None])
+  # Back to (token, k) order by the inverse permutation (a gather: no scatter-add forward, and the weights
+  # are applied in token order, so their gradient is no scalar scatter either).
+  y_NKD = y[jnp.argsort(order)].reshape(n, k, -1)
+  wt = jnp.where(here.reshape(n, k), top_w, 0.0).astype(y.dtype)
+  return jnp.einsum("nkd,nk->nd", y_NKD, wt)
 
 
 def moe_mlp(cfg, act, x_BTD, router_DE, w_gate, w_up, w_down, mask_BT, impl: str = "auto"):

@@ -85,7 +85,7 @@ def test_resume_is_exact(tiny, tmp_path):
   wq = b.params["model"]["layers"]["wq"]
   expected = jax.sharding.NamedSharding(wq.sharding.mesh, jax.sharding.PartitionSpec(None, "fsdp", "tensor", None))
   assert wq.sharding.is_equivalent_to(expected, wq.ndim)
-  assert dict(wq.sharding.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert dict(wq.sharding.mesh.shape) == {"data": 2, "expert": 1, "fsdp": 2, "tensor": 2}
 
 
 def test_padded_buckets_compile_once_per_bucket(tiny, tmp_path):
