@@ -98,6 +98,7 @@ def _row(compiled, topo) -> dict:
   row["collectives"] = collective_counts(hlo)
   row["largest_all_gathers"] = largest(hlo, "all-gather")
   row["attention"] = attention_kind(hlo)
+  row["kernels"] = pallas_kernels(hlo)
   return row
 
 
@@ -248,6 +249,18 @@ def largest(hlo: str, op: str, n: int | None = 3) -> list[dict]:
     found.append({"shape": arrays[0][1] if len(arrays) == 1 else [a[1] for a in arrays],
                   "dtype": arrays[0][0], "bytes": int(sum(sizes))})
   return sorted(found, key=lambda r: -r["bytes"])[:n] if n else found
+
+
+def pallas_kernels(hlo: str) -> dict:
+  """Pallas TPU kernels in the compiled HLO by the function that made them ({'gmm': 6, 'tgmm': 3, ...}:
+  megablox's grouped matmuls; splash attention's forward and backward kernels by their own names)."""
+  out = collections.Counter()
+  for line in hlo.splitlines():
+    if "tpu_custom_call" in line and "custom_call_target" in line:
+      m = re.search(r'op_name="[^"]*?([A-Za-z_0-9]+)\)?/pallas_call', line)
+      name = m.group(1) if m else re.match(r"\s*(?:ROOT )?%([A-Za-z_]+?)(?:\.\d+)* = ", line)
+      out[name if isinstance(name, str) else (name.group(1) if name else "unnamed")] += 1
+  return dict(sorted(out.items()))
 
 
 def attention_kind(hlo: str) -> str:

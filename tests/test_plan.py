@@ -73,3 +73,52 @@ def test_cli_plan_for_a_tpu_topology_without_a_tpu(tmp_path):
   # attention='auto' on a TPU mesh is the Pallas splash kernel (a tpu_custom_call in the compiled HLO); the
   # vocabulary-tiled LM head compiles for the TPU too.
   assert row["attention"].startswith("pallas")
+
+
+def _plan(model_dir, scan=True, **overrides):
+  """compile_plan of a tiny SFT step for v5p-8 in-process, at the TPU's default matmul precision (the test
+  session's 'highest' would ask Mosaic kernels for float32 contractions of bfloat16 operands)."""
+  import jax
+
+  from jaxalign import plan
+  from tests.conftest import load_config
+  cfg = load_config("sft", "tiny", mesh__data=1, mesh__fsdp=-1, model__init=str(model_dir), train__seq_len=256,
+                    train__batch_size=8, model__dtype="bfloat16", model__scan_layers=scan, **overrides)
+  with jax.default_matmul_precision("default"):
+    return plan.compile_plan(cfg, "v5p-8", extrapolate=scan)
+
+
+def test_plan_of_a_mixture_of_experts_model_over_an_expert_axis(tmp_path):
+  """A Qwen3-MoE-shaped model for v5p-8 with its experts over a 2-way expert axis: params and moments split
+  over expert x fsdp, the compiled step runs megablox grouped matmuls and splash attention, and the step time
+  from cut models (expert matmuls priced as ragged_dot) agrees with a compile of the whole model unrolled."""
+  pytest.importorskip("libtpu")
+  import transformers
+  transformers.Qwen3MoeConfig(vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
+                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                              num_experts=8, num_experts_per_tok=2, norm_topk_prob=True).save_pretrained(tmp_path)
+  out = _plan(tmp_path, mesh__expert=2)
+  assert out["mesh"]["expert"] == 2 and out["mesh"]["fsdp"] == 2
+  assert out["params_bytes_per_device"] < 0.3 * 4 * out["params_total"]
+  row = out["programs"]["train_step"]
+  assert row["fits"] and row["kernels"]["gmm"] >= 3 and row["kernels"]["tgmm"] >= 3
+  assert any(k.startswith("splash_mha_fwd") for k in row["kernels"])
+  assert "ragged_dot" in row["step_seconds_from"] and 0 < row["mfu"] < 1
+  whole = _plan(tmp_path, scan=False, mesh__expert=2, model__moe_impl="ragged")["programs"]["train_step"]
+  assert row["step_seconds"] == pytest.approx(whole["step_seconds"], rel=0.05)
+
+
+def test_plan_of_a_model_mixing_sliding_and_global_layers(tmp_path):
+  """Gemma 3's sliding and global layers are priced by kind: the first layer, then each kind's margin times
+  its count, near a compile of the whole model unrolled."""
+  pytest.importorskip("libtpu")
+  import transformers
+  transformers.Gemma3TextConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=32, sliding_window=64,
+                                layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                                query_pre_attn_scalar=32).save_pretrained(tmp_path)
+  row = _plan(tmp_path)["programs"]["train_step"]
+  assert "1 x" in row["step_seconds_from"] and "(sliding_attention)" in row["step_seconds_from"]
+  assert "(full_attention)" in row["step_seconds_from"]
+  whole = _plan(tmp_path, scan=False)["programs"]["train_step"]
+  assert row["step_seconds"] == pytest.approx(whole["step_seconds"], rel=0.15)
