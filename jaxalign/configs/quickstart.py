@@ -50,8 +50,8 @@ def arithmetic(test: bool) -> ml_collections.ConfigDict:
                  "train.seq_len": 24, "optimizer.learning_rate": 2e-3, "optimizer.warmup_steps": 20,
                  "eval.every": 300, "checkpoint.every": 600, "checkpoint.best_metric": ""})
   c.grpo = _nest({**common, **short, "train.batch_size": 32, "grpo.group_size": 8, "grpo.kl_coef": 0.0,
-                  "train.steps": 60 if test else 150, "optimizer.learning_rate": 2e-4, "reward.functions": (EXACT,),
-                  "eval.every": 30 if test else 25, "eval.max_batches": 4 if test else 7, "logging.every": 5,
+                  "train.steps": 100 if test else 150, "optimizer.learning_rate": 2e-4, "reward.functions": (EXACT,),
+                  "eval.every": 50 if test else 25, "eval.max_batches": 4 if test else 7, "logging.every": 5,
                   "eval.samples_per_prompt": 1 if test else 4,
                   "checkpoint.every": 1000})
   c.evaluate = _nest({**common, **short, "reward.eval_functions": (EXACT,), "eval.samples_per_prompt": 4,
