@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxalign import sharding, topology as topologies
 from jaxalign.loops import stages
+from jaxalign.models import moe
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
@@ -139,8 +140,9 @@ def _extrapolate(config, mesh, rows: dict) -> None:
                          for k in kinds)
       row["step_seconds_from"] = f"unrolled cut models: {t1:.4g} (first layer) + {terms}"
       if experts:
-        row["step_seconds_from"] += (" (expert matmuls priced as XLA's ragged_dot: the cost model sees neither "
-                                     "inside the megablox kernel nor its group-metadata scatter)")
+        row["step_seconds_from"] += (" (expert matmuls priced as a balanced batched matmul, every expert the "
+                                     "same rows: the cost model sees neither inside megablox nor past its "
+                                     "group-metadata scatter)")
     else:  # Seen with libtpu 0.0.42 on v5e-256: negative times. No time rather than a wrong one.
       row.pop("step_seconds", None)
       row["step_seconds_from"] = (f"none: the cost model gave {t1:.4g} s for one layer and layer margins "
@@ -162,8 +164,6 @@ def _program_times(config, mesh, kinds: list[str], uniform: bool) -> dict:
   layers (`uniform`: by count, the model's own layer kind)."""
   c = config.copy_and_resolve_references()
   with c.unlocked():  # Read by setup.resolve_model_config; plans only.
-    if c.model.get("moe_impl", "auto") in ("auto", "megablox"):  # Megablox: no cost-model time (see above).
-      c.model.moe_impl = "ragged"
     if uniform:
       c.model.plan_layers = len(kinds)
     else:
@@ -172,7 +172,7 @@ def _program_times(config, mesh, kinds: list[str], uniform: bool) -> dict:
   out = {}
   for name, (fn, args) in parts.programs.items():
     try:
-      with jax.set_mesh(mesh):
+      with jax.set_mesh(mesh), moe.pricing():  # MoE expert matmuls as moe.pricing says.
         compiled = fn.lower(*args).compile()
     except Exception:  # Even one or two layers do not fit: no time estimate.
       continue

@@ -69,9 +69,9 @@ def test_hf_round_trip(hf_factory, tmp_path, family):
   assert hf.config_from_hf(str(tmp_path)) == cfg
 
 
+# The newer families' cache paths are also checked by test_greedy_sampler_equals_transformers_generate.
 @pytest.mark.parametrize("family,scan", [("llama", True), ("gemma2", False), ("mistral", True),
-                                         ("gemma3_text", True), ("phi3", False), ("olmo2", True),
-                                         ("qwen3_moe", True), ("mixtral", False)])
+                                         ("qwen3_moe", False)])
 def test_kv_cache_matches_full_forward(hf_factory, family, scan):
   path = hf_factory(family)
   cfg = hf.config_from_hf(path, scan_layers=scan)
