@@ -102,7 +102,8 @@ def pricing():
   XLA's TPU cost model only. It cannot price megablox (it sees no Pallas kernel's work, and the kernel's
   group-metadata scatter makes it return a negative time) and ragged_dot lowers on TPU without megablox to a
   product over every group (E times the work). The balanced stand-in has the ideal kernel's FLOPs and reads
-  every expert's weights once: what megablox does when routing is balanced. Never for values."""
+  every expert's weights once: what megablox does when routing is balanced (each device's experts then get
+  their share of the pairs, which is all `_experts_local` passes on while pricing). Never for values."""
   _PRICING.append(True)
   try:
     yield
@@ -181,8 +182,12 @@ def _experts_local(cfg, act, x_ND, top_w, top_i, w_gate, w_up, w_down, first_exp
   rows = order // k
   sizes = histogram(key[order], local_e)
   xs = x_ND[rows]
+  if _PRICING:  # Balanced routing: this device's experts get local_e / E of the pairs (the rest sort last).
+    xs = xs[:_round_up(-(-n * k * local_e // cfg.num_experts), local_e)]
   h = act(grouped_matmul(xs, w_gate, sizes, impl)) * grouped_matmul(xs, w_up, sizes, impl)
   y = grouped_matmul(h, w_down, sizes, impl)
+  if _PRICING:
+    y = jnp.pad(y, ((0, n * k - y.shape[0]), (0, 0)))
   # Back to (token, k) order by the inverse permutation (a gather: no scatter-add forward, and the weights
   # are applied in token order, so their gradient is no scalar scatter either).
   y_NKD = y[jnp.argsort(order)].reshape(n, k, -1)
