@@ -28,6 +28,7 @@ def base(stage: str) -> ml_collections.ConfigDict:
   c.model.scan_layers = True  # lax.scan over layers (compile time independent of depth).
   c.model.attention = "auto"  # auto (splash on TPU, fused elsewhere) | fused | dense | splash.
   c.model.vocab_tiles = 0  # LM head log-probs over this many vocabulary tiles (0 = auto: 1 up to 32k tokens).
+  c.model.fused_head = True  # SFT with a tiled head: gradients made in the forward (3 head matmuls, not 4; +[D, V] bytes).
   c.model.moe_impl = "auto"  # MoE grouped matmul: auto (megablox on TPU, ragged_dot on GPU, tiled on CPU) | ...
   c.model.router_aux_coef = -1.0  # MoE load-balancing loss weight; < 0 = the checkpoint's router_aux_loss_coef.
   c.model.lora_rank = 0  # > 0: train low-rank adapters only; the reference is the base with adapters off.

@@ -281,6 +281,8 @@ def advice(config, row: dict, hbm: float) -> str:
     knobs.append("more of the mesh on fsdp (mesh.data=1 mesh.fsdp=-1): params and optimizer state shard further")
   if "grad_accum" in config.train and config.train.grad_accum == 1 and config.train.batch_size > 1:
     knobs.append("train.grad_accum=2 or more (fewer rows in flight per device)")
+  if config.get("stage", "") == "sft" and config.model.get("fused_head", True):
+    knobs.append("model.fused_head=False (the tiled LM head: no [D, V] gradient buffer, one more head matmul)")
   for group in ("ppo", "grpo"):
     if group in config and config[group].minibatches == 1:
       knobs.append(f"{group}.minibatches=2 or more (fewer rows per update pass)")

@@ -71,7 +71,7 @@ def test_cli_plan_for_a_tpu_topology_without_a_tpu(tmp_path):
   assert row["collectives"].get("all-gather", 0) + row["collectives"].get("all-reduce", 0) > 0  # FSDP over 4.
   assert "fits" in out.stdout and "train_step: peak" in out.stdout
   # attention='auto' on a TPU mesh is the Pallas splash kernel (a tpu_custom_call in the compiled HLO); the
-  # vocabulary-tiled LM head compiles for the TPU too.
+  # vocabulary-tiled LM head, through the fused SFT head (a shard_map with its reduce-scatter), compiles too.
   assert row["attention"].startswith("pallas")
 
 

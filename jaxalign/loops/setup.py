@@ -27,7 +27,8 @@ def model_overrides(model_cfg) -> dict:
   out = dict(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype, remat=model_cfg.remat,
              scan_layers=model_cfg.scan_layers, attention=model_cfg.attention, lora_rank=model_cfg.lora_rank,
              lora_alpha=model_cfg.lora_alpha, lora_targets=tuple(model_cfg.lora_targets),
-             vocab_tiles=model_cfg.get("vocab_tiles", 0), moe_impl=model_cfg.get("moe_impl", "auto"))
+             vocab_tiles=model_cfg.get("vocab_tiles", 0),
+             fused_head=bool(model_cfg.get("fused_head", True)), moe_impl=model_cfg.get("moe_impl", "auto"))
   if model_cfg.get("router_aux_coef", -1.0) >= 0:  # Negative: keep the checkpoint's own coefficient.
     out["router_aux_coef"] = float(model_cfg.router_aux_coef)
   return out

@@ -106,6 +106,9 @@ def _head_fwd(h_BTD, w_DV, targets_BT, tiles, temperature, softcap, unroll):
 
 def _head_bwd(tiles, temperature, softcap, unroll, res, cotangents):
   h_BTD, w_DV, targets_BT, lse = res
+  if unroll:  # Unrolled, XLA would merge the recomputed tile logits with the forward's (CSE): a cost the
+    # scanned head pays would go uncounted in the compile plan.
+    h_BTD, w_DV = jax.lax.optimization_barrier((h_BTD, w_DV))
   g_BT = cotangents[0]  # The entropy's cotangent is ignored (see head_logprobs).
   b, t, d = h_BTD.shape
   c = w_DV.shape[1] // tiles
@@ -130,3 +133,124 @@ def _head_bwd(tiles, temperature, softcap, unroll, res, cotangents):
 
 
 _head_logprobs.defvjp(_head_fwd, _head_bwd)
+
+
+def head_weighted_logprob_sum(h_BTD, w_DV, targets_BT, weights_BT, *, chunk: int = 0,
+                              softcap: float | None = None, unroll: bool = False):
+  """sum(weights * log p(targets)) under softmax(cap(h . w)), float32, its gradients computed in the forward.
+
+  SFT's loss is linear in the token log-probs with weights known before the backward, so each chunk of
+  positions can take its full-vocabulary logits once and produce its share of dh and dW on the spot (Liger's
+  fused linear cross-entropy): three head matmuls per token where `head_logprobs` needs four (its backward
+  recomputes every tile's logits), and the head weight is gathered once, not again in the backward. The
+  backward only scales the stored gradients by the scalar cotangent. The price is a [D, V] dW accumulator
+  per device while the head runs (in the weight's dtype, as the tiled head's dW), so the tiled head stays for
+  the losses whose per-token weights depend on the log-probs themselves (DPO, PPO, GRPO).
+
+  Under a mesh the chunks run per device (shard_map): rows over the batch axes, vocabulary over `tensor`
+  (normalisers psum'd), dW accumulated locally and reduce-scattered once over fsdp (psum'd over the other
+  batch axes), so no reduction per chunk. `chunk`: positions per chunk (0 = the power of two nearest below 2^26 logits per device: 512 positions
+  of one row for a 128k vocabulary).
+  `unroll`: the chunk loop unrolled (the compile plan's cost model counts a loop body once).
+  Exact against the dense head (tests/losses/test_lm.py)."""
+  return _fused(h_BTD, w_DV, targets_BT.astype(jnp.int32), weights_BT.astype(jnp.float32), int(chunk),
+                None if not softcap else float(softcap), bool(unroll))
+
+
+def _chunk_size(rows: int, t: int, v: int, chunk: int) -> int:
+  if not chunk:  # A power of two (lengths are, mostly: no padded chunk) of about 2^26 logits.
+    chunk = 1 << max(0, ((1 << 26) // max(1, rows * v)).bit_length() - 1)
+  return max(1, min(chunk, t))
+
+
+def _fused_local(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll, tensor_axis, col0):
+  """(loss, dh, dW) of one device's rows and vocabulary columns [col0, col0 + V_local)."""
+  b, t, d = h_BTD.shape
+  v = w_DV.shape[1]
+  c = _chunk_size(b, t, v, chunk)
+  k = -(-t // c)
+  if k * c != t:  # Pad positions with zero weight: they add nothing to the loss or the gradients.
+    pad = ((0, 0), (0, k * c - t))
+    h_BTD = jnp.pad(h_BTD, pad + ((0, 0),))
+    targets_BT, weights_BT = jnp.pad(targets_BT, pad), jnp.pad(weights_BT, pad)
+  sum_ = (lambda x: jax.lax.psum(x, tensor_axis)) if tensor_axis else (lambda x: x)
+  cols = col0 + jnp.arange(v, dtype=jnp.int32)
+
+  def body(carry, xs):
+    loss, dw = carry
+    h_ND, tgt_N, wt_N = xs
+    z = jnp.dot(h_ND, w_DV, preferred_element_type=jnp.float32)
+    y = jnp.tanh(z / softcap) * softcap if softcap else z
+    m = jax.lax.stop_gradient(jnp.max(y, axis=-1))
+    if tensor_axis:
+      m = jax.lax.pmax(m, tensor_axis)
+    e = jnp.exp(y - m[:, None])
+    s = sum_(jnp.sum(e, axis=-1))
+    hit = cols == tgt_N[:, None]
+    lp = sum_(jnp.sum(jnp.where(hit, y, 0.0), axis=-1)) - m - jnp.log(s)
+    dy = wt_N[:, None] * (hit.astype(jnp.float32) - e / s[:, None])
+    if softcap:
+      dy = dy * (1.0 - jnp.square(jnp.tanh(z / softcap)))
+    g = dy.astype(h_ND.dtype)
+    dh = sum_(jnp.dot(g, w_DV.T, preferred_element_type=jnp.float32)).astype(h_ND.dtype)
+    dw = (dw + jnp.dot(h_ND.T, g, preferred_element_type=jnp.float32)).astype(dw.dtype)
+    return (loss + jnp.sum(lp * wt_N), dw), dh
+
+  def chunks(x):  # [B, k*c, ...] -> [k, B*c, ...]
+    return x.reshape(b, k, c, *x.shape[2:]).swapaxes(0, 1).reshape(k, b * c, *x.shape[2:])
+
+  init = (jnp.zeros((), jnp.float32), jnp.zeros((d, v), w_DV.dtype))
+  (loss, dw), dh = jax.lax.scan(body, init, (chunks(h_BTD), chunks(targets_BT), chunks(weights_BT)),
+                                unroll=k if unroll else 1)
+  dh = dh.reshape(k, b, c, d).swapaxes(0, 1).reshape(b, k * c, d)[:, :t]
+  return loss, dh, dw
+
+
+def _fused_grads(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll):
+  from jax.sharding import PartitionSpec as P
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return _fused_local(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll, None, 0)
+  b_spec = sharding.spec_for(("act_batch", None), targets_BT.shape, mesh)
+  w_spec = sharding.spec_for(("embed", "vocab"), w_DV.shape, mesh)
+  batch_axes = () if b_spec[0] is None else ((b_spec[0],) if isinstance(b_spec[0], str) else tuple(b_spec[0]))
+  if set(batch_axes) != {a for a in sharding.BATCH if mesh.shape[a] > 1} or not isinstance(w_spec[0], (str, type(None))):
+    # Rows not split over every batch axis (an odd batch): XLA's own partitioning, correct if not lean.
+    return _fused_local(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll, None, 0)
+  embed_axis, vocab_axis = w_spec
+
+  def body(h, w, tgt, wt):
+    col0 = jax.lax.axis_index(vocab_axis) * w.shape[1] if vocab_axis else 0
+    loss, dh, dw = _fused_local(h, w, tgt, wt, chunk, softcap, unroll, vocab_axis, col0)
+    if batch_axes:
+      loss = jax.lax.psum(loss, batch_axes)
+    if embed_axis in batch_axes:
+      dw = jax.lax.psum_scatter(dw, embed_axis, scatter_dimension=0, tiled=True)
+    rest = tuple(a for a in batch_axes if a != embed_axis)
+    if rest:
+      dw = jax.lax.psum(dw, rest)
+    return loss, dh, dw
+
+  h_spec = P(b_spec[0], None, None)
+  fn = jax.shard_map(body, mesh=mesh, in_specs=(h_spec, P(None, vocab_axis), b_spec, b_spec),
+                     out_specs=(P(), h_spec, w_spec), check_vma=False)
+  return fn(h_BTD, w_DV, targets_BT, weights_BT)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll):
+  return _fused_grads(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll)[0]
+
+
+def _fused_fwd(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll):
+  loss, dh, dw = _fused_grads(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll)
+  return loss, (dh, dw)
+
+
+def _fused_bwd(chunk, softcap, unroll, res, g):
+  dh, dw = res
+  scale = lambda x: (x.astype(jnp.float32) * g).astype(x.dtype)  # noqa: E731
+  return scale(dh), scale(dw), None, None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)

@@ -66,6 +66,7 @@ class ModelConfig:
   # (the Pallas TPU kernel; Pallas interpret mode off TPU: for tests).
   attention: str = "auto"
   vocab_tiles: int = 0  # LM head log-probs over this many vocabulary tiles (0 = auto: 1 up to 32k tokens).
+  fused_head: bool = True  # SFT's loss over a tiled head: gradients made in the forward (Transformer.weighted_logprob_sum).
   causal_blocks: bool = True  # Without a KV cache, skip key blocks after each query block (exact; faster).
   lora_rank: int = 0  # > 0 adds low-rank adapters (B = 0 at init) to `lora_targets`.
   lora_alpha: float = 16.0  # Adapter scale alpha / rank.

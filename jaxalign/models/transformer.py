@@ -154,6 +154,19 @@ class Transformer(nnx.Module):
     return lm.head_logprobs(h_BTD.astype(dt), self.head_weight().astype(dt), targets_BT, tiles=tiles,
                             temperature=temperature, softcap=cfg.final_softcap, unroll=not cfg.scan_layers)
 
+  def weighted_logprob_sum(self, h_BTD, targets_BT, weights_BT):
+    """sum(weights * log p(targets)), float32: the SFT loss's head. Over several vocabulary tiles (a large
+    vocabulary) it is the fused head (losses.lm.head_weighted_logprob_sum: gradients made in the forward,
+    three head matmuls instead of four, for a [D, V] gradient buffer while it runs; `fused_head=False` keeps
+    the tiled head); with one tile the dense head."""
+    cfg = self.cfg
+    if cfg.head_tiles() == 1 or not cfg.fused_head:
+      lp_BT, _ = self.token_logprobs(h_BTD, targets_BT)
+      return jnp.sum(lp_BT * weights_BT.astype(jnp.float32))
+    dt = jnp.dtype(cfg.dtype)
+    return lm.head_weighted_logprob_sum(h_BTD.astype(dt), self.head_weight().astype(dt), targets_BT, weights_BT,
+                                        softcap=cfg.final_softcap, unroll=not cfg.scan_layers)
+
   def logits(self, h_BTD) -> jax.Array:
     """Final-normed hidden states -> float32 logits (soft-capped for Gemma 2)."""
     cfg = self.cfg
@@ -439,6 +452,16 @@ def token_logprobs(cfg: ModelConfig, params, tokens_BT, positions_BT, segment_id
   at = slice(t - w, t) if at is None else at
   return model.token_logprobs(h_BTD if (at.start or 0, at.stop) == (0, t) else h_BTD[:, at], targets_BW,
                               temperature)
+
+
+def weighted_logprob_sum(cfg: ModelConfig, params, tokens_BT, positions_BT, segment_ids_BT, targets_BW, weights_BW,
+                         *, use_lora: bool = True):
+  """Pure: sum(weights * log p(targets)) over the last W positions, float32 (SFT's loss; see
+  Transformer.weighted_logprob_sum): for a large vocabulary its gradients are made in the forward."""
+  model = bind(cfg, params)
+  h_BTD, _ = model.hidden_states(tokens_BT, positions_BT, segment_ids_BT, None, use_lora)
+  w, t = targets_BW.shape[1], tokens_BT.shape[1]
+  return model.weighted_logprob_sum(h_BTD if w == t else h_BTD[:, t - w:], targets_BW, weights_BW)
 
 
 def hidden_states(cfg: ModelConfig, params, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None,

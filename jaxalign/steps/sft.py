@@ -16,14 +16,20 @@ from jaxalign.models import moe, transformer
 from jaxalign.steps.state import TrainState, accumulate, apply_update
 
 
-def sft_loss(params, batch, *, model_cfg):
-  """(sum of token NLL, (trained-token count, {})): the caller divides once over all microbatches."""
-  with moe.collect() as router:
-    lp_BW, _ = transformer.token_logprobs(model_cfg, params["model"], batch["tokens"], batch["positions"],
-                                          batch["segment_ids"], batch["targets"])
+def sft_loss(params, batch, *, model_cfg, fused: bool = True):
+  """(sum of token NLL, (trained-token count, {})): the caller divides once over all microbatches.
+
+  `fused`: for a large vocabulary the head's gradients are made in the forward (three head matmuls, not
+  four: transformer.weighted_logprob_sum); evaluation, which takes no gradient, passes False."""
   w_BW = batch["weights"].astype(jnp.float32)
+  args = (model_cfg, params["model"], batch["tokens"], batch["positions"], batch["segment_ids"], batch["targets"])
+  with moe.collect() as router:
+    if fused:
+      lp_sum = transformer.weighted_logprob_sum(*args, w_BW)
+    else:
+      lp_sum = jnp.sum(transformer.token_logprobs(*args)[0] * w_BW)
   n = jnp.sum(w_BW)
-  nll, sums = moe.add_router_loss(model_cfg, router, -jnp.sum(lp_BW * w_BW), n)
+  nll, sums = moe.add_router_loss(model_cfg, router, -lp_sum, n)
   return nll, (n, sums)
 
 
@@ -37,5 +43,5 @@ def sft_step(state: TrainState, batch: dict, *, model_cfg, tx, schedule=None, gr
 
 def sft_eval(state: TrainState, batch, *, model_cfg):
   """Sums for an exact eval mean over many batches: {'loss_sum', 'tokens'}."""
-  nll, (n, _) = sft_loss(state.params, batch, model_cfg=model_cfg)
+  nll, (n, _) = sft_loss(state.params, batch, model_cfg=model_cfg, fused=False)
   return {"loss_sum": nll, "tokens": n}
