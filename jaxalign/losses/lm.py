@@ -244,6 +244,9 @@ def _fused(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll):
 
 def _fused_fwd(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll):
   loss, dh, dw = _fused_grads(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll)
+  # Materialise the sharded dW here: else XLA may fuse its slice of the full reduced buffer into the
+  # backward's consumer and keep that [D, V] buffer alive through the whole backward pass.
+  loss, dh, dw = jax.lax.optimization_barrier((loss, dh, dw))
   return loss, (dh, dw)
 
 
