@@ -1,6 +1,6 @@
 """A small GRPO run end to end, jaxalign's CLI beside TRL's GRPOTrainer: process start to exported model.
 
-  python3 bench/e2e_grpo.py [--steps=60] [--out=bench/e2e_grpo.json]
+  python3 bench/e2e_grpo.py [--steps=60] [--shape=bench|small] [--out=bench/e2e_grpo.json]
 
 Same work on both sides: the bench's 4-layer Llama (bench.workloads; float32, saved as a Hugging Face
 directory with its tokenizer), the same prompt texts (~64 tokens), 8 prompts x 4 completions of 64 new tokens
@@ -8,7 +8,8 @@ per iteration, the bench's Python reward, KL to the reference (beta 0.04), AdamW
 gradient clipping, one update per generation, no evaluation, the model saved at the end. Each run is a fresh
 process timed from its start to its exit (imports, loading, compiling, training, export); jaxalign runs twice,
 first with an empty compilation cache (cold) and then again in the same environment (its persistent cache
-warm), as a user's second run would.
+warm), as a user's second run would. `--shape=small`: the quickstart's 0.9M-parameter width (hidden 128, 4
+layers) with 16 prompts x 4 completions of 32 new tokens, the scale where compilation is most of a run.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 from bench import workloads as W  # noqa: E402
+
+SHAPES = {"bench": {}, "small": {"HIDDEN": 128, "INTER": 344, "HEADS": 4, "KV_HEADS": 2, "RL_PROMPTS": 16,
+                                 "RL_NEW": 32}}
+
+
+def use_shape(name: str) -> None:
+  for key, value in SHAPES[name].items():
+    setattr(W, key, value)
 
 
 def prepare(root: str, steps: int) -> tuple[str, str]:
@@ -51,8 +60,9 @@ def jaxalign_cmd(model_dir: str, prompts: str, workdir: str, steps: int) -> list
           "--config.logging.tensorboard=False"]
 
 
-def trl_main(model_dir: str, prompts: str, out_dir: str, steps: int) -> None:
+def trl_main(model_dir: str, prompts: str, out_dir: str, steps: int, shape: str = "bench") -> None:
   """TRL's side, run in its own process: GRPOTrainer from the same directory and prompts, then save."""
+  use_shape(shape)
   import datasets
   import transformers
   import trl
@@ -80,16 +90,18 @@ def _timed(cmd: list[str], env: dict) -> float:
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--steps", type=int, default=60)
+  ap.add_argument("--shape", default="bench", choices=sorted(SHAPES))
   ap.add_argument("--out", default=os.path.join(HERE, "e2e_grpo.json"))
   a = ap.parse_args()
+  use_shape(a.shape)
   root = tempfile.mkdtemp(prefix="e2e_grpo_")
   model_dir, prompts = prepare(root, a.steps)
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu",
              JAXALIGN_COMPILE_CACHE=os.path.join(root, "xla_cache"))
   res = {"steps": a.steps, "samples_per_iteration": W.RL_PROMPTS * W.GROUP, "cpu": _cpu(),
-         "time": time.strftime("%Y-%m-%d %H:%M"), "command": f"python3 bench/e2e_grpo.py --steps={a.steps}"}
+         "time": time.strftime("%Y-%m-%d %H:%M"), "command": f"python3 bench/e2e_grpo.py --steps={a.steps} --shape={a.shape}", "shape": a.shape}
   res["trl_s"] = _timed([sys.executable, "-c", "import sys; sys.path.insert(0, '.'); from bench.e2e_grpo import "
-                         f"trl_main; trl_main({model_dir!r}, {prompts!r}, {os.path.join(root, 'trl')!r}, {a.steps})"],
+                         f"trl_main; trl_main({model_dir!r}, {prompts!r}, {os.path.join(root, 'trl')!r}, {a.steps}, {a.shape!r})"],
                         env)
   res["jaxalign_cold_s"] = _timed(jaxalign_cmd(model_dir, prompts, os.path.join(root, "ja1"), a.steps), env)
   res["jaxalign_warm_s"] = _timed(jaxalign_cmd(model_dir, prompts, os.path.join(root, "ja2"), a.steps), env)
