@@ -62,8 +62,8 @@ class ModelConfig:
   dtype: str = "float32"  # Matmul dtype (bfloat16 on accelerators); logits and softmax stay float32.
   remat: str = "none"  # 'none' | 'full' (recompute each layer) | 'dots' (keep matmul outputs) | 'offload' (to host).
   scan_layers: bool = True  # lax.scan over the stacked layers (and LM-head tiles): compile time independent of depth.
-  # 'auto': splash on TPU, else fused unless soft-capped | 'fused' (hand-written backward) | 'dense' | 'splash'
-  # (the Pallas TPU kernel; Pallas interpret mode off TPU: for tests).
+  # 'auto': splash on TPU, cuDNN on GPU (bf16), else fused unless soft-capped | 'fused' (hand-written backward) |
+  # 'dense' | 'splash' (the Pallas TPU kernel; Pallas interpret mode off TPU: for tests) | 'cudnn' (GPU).
   attention: str = "auto"
   vocab_tiles: int = 0  # LM head log-probs over this many vocabulary tiles (0 = auto: 1 up to 32k tokens).
   fused_head: bool = True  # SFT's loss over a tiled head: gradients made in the forward (Transformer.weighted_logprob_sum).
@@ -83,8 +83,8 @@ class ModelConfig:
       raise ValueError(f"vocab_tiles={self.vocab_tiles}: must divide vocab_size={self.vocab_size} (0 = auto)")
     if self.remat not in ("none", "full", "dots", "offload"):
       raise ValueError(f"remat={self.remat!r}: expected none|full|dots|offload")
-    if self.attention not in ("auto", "dense", "fused", "splash"):
-      raise ValueError(f"attention={self.attention!r}: expected auto|dense|fused|splash")
+    if self.attention not in ("auto", "dense", "fused", "splash", "cudnn"):
+      raise ValueError(f"attention={self.attention!r}: expected auto|dense|fused|splash|cudnn")
     bad = set(self.lora_targets) - set(LORA_SHAPES)
     if bad:
       raise ValueError(f"lora_targets {sorted(bad)}: expected a subset of {sorted(LORA_SHAPES)}")

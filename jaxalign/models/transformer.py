@@ -377,6 +377,21 @@ def use_splash(cfg: ModelConfig, t: int) -> bool:
   return cfg.attention == "splash" and splash.supported(t)
 
 
+def use_cudnn(cfg: ModelConfig, q_BTNH, cache_layout: bool) -> bool:
+  """cuDNN's fused attention (`jax.nn.dot_product_attention(implementation='cudnn')`): `attention='cudnn'`, or
+  'auto' on a GPU, for bf16/f16 queries with head_dim <= 128 (cuDNN's limits), no soft-cap, no KV cache."""
+  if cache_layout or cfg.attn_softcap or q_BTNH.dtype not in (jnp.bfloat16, jnp.float16) or q_BTNH.shape[-1] > 128:
+    return False
+  return cfg.attention == "cudnn" or (cfg.attention == "auto" and sharding.platform() == "gpu")
+
+
+def cudnn_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, *, scale: float, causal: bool):
+  """cuDNN flash attention (GPU). Padding, packing and sliding windows are in `mask_BTS`, passed as cuDNN's
+  mask (an additive bias); `causal` also tells cuDNN to skip the blocks above the diagonal."""
+  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], scale=scale,
+                                      is_causal=causal, implementation="cudnn")
+
+
 def attend(cfg: ModelConfig, q_BTNH, k, v, mask_BTS, scale, causal: bool = False, cache_layout: bool = False):
   """Dispatch to the configured attention kernel ('auto': the fused backward unless soft-capping).
 
@@ -384,6 +399,8 @@ def attend(cfg: ModelConfig, q_BTNH, k, v, mask_BTS, scale, causal: bool = False
   [B, K, S, H]).
   `causal`: queries and keys are the same slots 0..T-1 (no KV cache), so key blocks after a query block
   are skipped (attention.blockwise_causal) unless `cfg.causal_blocks` is off."""
+  if use_cudnn(cfg, q_BTNH, cache_layout):
+    return cudnn_attention(q_BTNH, k, v, mask_BTS, scale=scale, causal=causal)
   if cfg.attention in ("auto", "fused") and not cfg.attn_softcap:
     kernel = lambda q, k, v, m: fused_attention(q, k, v, m, scale=scale, cache_layout=cache_layout)  # noqa: E731
   else:

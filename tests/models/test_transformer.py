@@ -385,3 +385,18 @@ def test_reward_model_export_scores_as_transformers(hf_factory, tmp_path, family
   got = heads.sequence_scores(cfg, params, head, jnp.asarray(tok), None, jnp.asarray(mask, jnp.int32))
   np.testing.assert_allclose(np.asarray(got), ref, atol=1e-4)
   np.testing.assert_array_equal(np.asarray(hf.load_score_head(str(tmp_path), cfg)["w"]), np.asarray(head["w"]))
+
+
+def test_cudnn_attention_is_chosen_only_where_it_applies():
+  """'auto' is cuDNN only on a GPU, for half-precision queries with head_dim <= 128, no soft-cap and no KV
+  cache; on this CPU 'auto' keeps the XLA path (the GPU check is bench/gpu_attention.py)."""
+  q16 = jnp.zeros((1, 4, 4, 16), jnp.bfloat16)
+  cfg = preset("tiny", attention="cudnn")
+  assert T.use_cudnn(cfg, q16, False)
+  assert not T.use_cudnn(cfg, q16.astype(jnp.float32), False)
+  assert not T.use_cudnn(cfg, q16, True)
+  assert not T.use_cudnn(cfg.replace(attn_softcap=50.0), q16, False)
+  assert not T.use_cudnn(cfg, jnp.zeros((1, 4, 4, 256), jnp.bfloat16), False)
+  assert T.use_cudnn(preset("tiny"), q16, False) == (jax.default_backend() == "gpu")
+  with pytest.raises(ValueError, match="auto\\|dense\\|fused\\|splash\\|cudnn"):
+    preset("tiny", attention="flash")
