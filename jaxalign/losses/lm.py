@@ -13,6 +13,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxalign import sharding
 
@@ -149,8 +150,8 @@ def head_weighted_logprob_sum(h_BTD, w_DV, targets_BT, weights_BT, *, chunk: int
 
   Under a mesh the chunks run per device (shard_map): rows over the batch axes, vocabulary over `tensor`
   (normalisers psum'd), dW accumulated locally and reduce-scattered once over fsdp (psum'd over the other
-  batch axes), so no reduction per chunk. `chunk`: positions per chunk (0 = the power of two nearest below 2^26 logits per device: 512 positions
-  of one row for a 128k vocabulary).
+  batch axes), so no reduction per chunk. `chunk`: positions per chunk (0 = the power of two nearest below
+  2^26 logits per device: 512 positions of one row for a 128k vocabulary).
   `unroll`: the chunk loop unrolled (the compile plan's cost model counts a loop body once).
   Exact against the dense head (tests/losses/test_lm.py)."""
   return _fused(h_BTD, w_DV, targets_BT.astype(jnp.int32), weights_BT.astype(jnp.float32), int(chunk),
@@ -181,7 +182,7 @@ def _fused_local(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll, te
     h_ND, tgt_N, wt_N = xs
     z = jnp.dot(h_ND, w_DV, preferred_element_type=jnp.float32)
     y = jnp.tanh(z / softcap) * softcap if softcap else z
-    m = jax.lax.stop_gradient(jnp.max(y, axis=-1))
+    m = jnp.max(y, axis=-1)
     if tensor_axis:
       m = jax.lax.pmax(m, tensor_axis)
     e = jnp.exp(y - m[:, None])
@@ -207,14 +208,14 @@ def _fused_local(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll, te
 
 
 def _fused_grads(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll):
-  from jax.sharding import PartitionSpec as P
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return _fused_local(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll, None, 0)
   b_spec = sharding.spec_for(("act_batch", None), targets_BT.shape, mesh)
   w_spec = sharding.spec_for(("embed", "vocab"), w_DV.shape, mesh)
   batch_axes = () if b_spec[0] is None else ((b_spec[0],) if isinstance(b_spec[0], str) else tuple(b_spec[0]))
-  if set(batch_axes) != {a for a in sharding.BATCH if mesh.shape[a] > 1} or not isinstance(w_spec[0], (str, type(None))):
+  split_all = set(batch_axes) == {a for a in sharding.BATCH if mesh.shape[a] > 1}
+  if not split_all or not isinstance(w_spec[0], (str, type(None))):
     # Rows not split over every batch axis (an odd batch): XLA's own partitioning, correct if not lean.
     return _fused_local(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll, None, 0)
   embed_axis, vocab_axis = w_spec
