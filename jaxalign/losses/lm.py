@@ -137,7 +137,7 @@ _head_logprobs.defvjp(_head_fwd, _head_bwd)
 
 
 def head_weighted_logprob_sum(h_BTD, w_DV, targets_BT, weights_BT, *, chunk: int = 0,
-                              softcap: float | None = None, unroll: bool = False):
+                              softcap: float | None = None, unroll: bool = False, vocab_major: bool = False):
   """sum(weights * log p(targets)) under softmax(cap(h . w)), float32, its gradients computed in the forward.
 
   SFT's loss is linear in the token log-probs with weights known before the backward, so each chunk of
@@ -153,9 +153,14 @@ def head_weighted_logprob_sum(h_BTD, w_DV, targets_BT, weights_BT, *, chunk: int
   batch axes), so no reduction per chunk. `chunk`: positions per chunk (0 = the power of two nearest below
   2^26 logits per device: 512 positions of one row for a 128k vocabulary).
   `unroll`: the chunk loop unrolled (the compile plan's cost model counts a loop body once).
+  `vocab_major`: the weight is given as [V, D] (a tied embedding) and used so, its gradient [V, D] too: a
+  transposed embedding would be transposed again, whole, inside the chunk loop.
   Exact against the dense head (tests/losses/test_lm.py)."""
   return _fused(h_BTD, w_DV, targets_BT.astype(jnp.int32), weights_BT.astype(jnp.float32), int(chunk),
-                None if not softcap else float(softcap), bool(unroll))
+                None if not softcap else float(softcap), bool(unroll), bool(vocab_major))
+
+
+_MAX_VALUE_BYTES = 2**31  # The largest float32 matmul result the fused head makes at once.
 
 
 def _chunk_size(rows: int, t: int, v: int, chunk: int) -> int:
@@ -164,10 +169,14 @@ def _chunk_size(rows: int, t: int, v: int, chunk: int) -> int:
   return max(1, min(chunk, t))
 
 
-def _fused_local(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll, tensor_axis, col0):
-  """(loss, dh, dW) of one device's rows and vocabulary columns [col0, col0 + V_local)."""
+def _fused_local(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll, vm, tensor_axis, col0):
+  """(loss, dh, dW) of one device's rows and vocabulary columns [col0, col0 + V_local); `vm`: the weight
+  (and dW) vocabulary-major, [V, D]."""
   b, t, d = h_BTD.shape
-  v = w_DV.shape[1]
+  va = 0 if vm else 1  # The weight's vocabulary axis.
+  v = w_DV.shape[va]
+  mm = lambda x, y, cx, cy: jax.lax.dot_general(  # noqa: E731
+      x, y, (((cx,), (cy,)), ((), ())), preferred_element_type=jnp.float32)
   c = _chunk_size(b, t, v, chunk)
   k = -(-t // c)
   if k * c != t:  # Pad positions with zero weight: they add nothing to the loss or the gradients.
@@ -176,11 +185,17 @@ def _fused_local(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll, te
     targets_BT, weights_BT = jnp.pad(targets_BT, pad), jnp.pad(weights_BT, pad)
   sum_ = (lambda x: jax.lax.psum(x, tensor_axis)) if tensor_axis else (lambda x: x)
   cols = col0 + jnp.arange(v, dtype=jnp.int32)
+  # dW's float32 matmul result in vocabulary tiles under 2^31 bytes: libtpu's cost model overflows on larger
+  # values and prices the whole program at a negative time (seen with Gemma-2-9B's 3,584 x 256,000 head).
+  vt = v
+  if d * v * 4 >= _MAX_VALUE_BYTES:
+    vt = -(-v // -(-(d * v * 4) // (_MAX_VALUE_BYTES // 2)))
+    vt = min(v, -(-vt // 128) * 128) if vt > 128 else vt
 
   def body(carry, xs):
     loss, dw = carry
     h_ND, tgt_N, wt_N = xs
-    z = jnp.dot(h_ND, w_DV, preferred_element_type=jnp.float32)
+    z = mm(h_ND, w_DV, 1, 1 - va)
     y = jnp.tanh(z / softcap) * softcap if softcap else z
     m = jnp.max(y, axis=-1)
     if tensor_axis:
@@ -193,65 +208,71 @@ def _fused_local(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll, te
     if softcap:
       dy = dy * (1.0 - jnp.square(jnp.tanh(z / softcap)))
     g = dy.astype(h_ND.dtype)
-    dh = sum_(jnp.dot(g, w_DV.T, preferred_element_type=jnp.float32)).astype(h_ND.dtype)
-    dw = (dw + jnp.dot(h_ND.T, g, preferred_element_type=jnp.float32)).astype(dw.dtype)
+    dh = sum_(mm(g, w_DV, 1, va)).astype(h_ND.dtype)
+    dw_of = lambda g_: mm(g_, h_ND, 0, 0) if vm else mm(h_ND, g_, 0, 0)  # noqa: E731
+    if vt >= v:
+      dw = (dw + dw_of(g)).astype(dw.dtype)
+    for lo in range(0, v if vt < v else 0, vt):  # Vocabulary tiles, each updated in place.
+      upd = jax.lax.dynamic_slice_in_dim(dw, lo, min(vt, v - lo), va).astype(jnp.float32) + dw_of(g[:, lo:lo + vt])
+      dw = jax.lax.dynamic_update_slice_in_dim(dw, upd.astype(dw.dtype), lo, va)
     return (loss + jnp.sum(lp * wt_N), dw), dh
 
   def chunks(x):  # [B, k*c, ...] -> [k, B*c, ...]
     return x.reshape(b, k, c, *x.shape[2:]).swapaxes(0, 1).reshape(k, b * c, *x.shape[2:])
 
-  init = (jnp.zeros((), jnp.float32), jnp.zeros((d, v), w_DV.dtype))
+  init = (jnp.zeros((), jnp.float32), jnp.zeros(w_DV.shape, w_DV.dtype))
   (loss, dw), dh = jax.lax.scan(body, init, (chunks(h_BTD), chunks(targets_BT), chunks(weights_BT)),
                                 unroll=k if unroll else 1)
   dh = dh.reshape(k, b, c, d).swapaxes(0, 1).reshape(b, k * c, d)[:, :t]
   return loss, dh, dw
 
 
-def _fused_grads(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll):
+def _fused_grads(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll, vm):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
-    return _fused_local(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll, None, 0)
+    return _fused_local(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll, vm, None, 0)
   b_spec = sharding.spec_for(("act_batch", None), targets_BT.shape, mesh)
-  w_spec = sharding.spec_for(("embed", "vocab"), w_DV.shape, mesh)
+  w_spec = sharding.spec_for(("vocab", "embed") if vm else ("embed", "vocab"), w_DV.shape, mesh)
+  embed_axis, vocab_axis = (w_spec[1], w_spec[0]) if vm else (w_spec[0], w_spec[1])
   batch_axes = () if b_spec[0] is None else ((b_spec[0],) if isinstance(b_spec[0], str) else tuple(b_spec[0]))
   split_all = set(batch_axes) == {a for a in sharding.BATCH if mesh.shape[a] > 1}
-  if not split_all or not isinstance(w_spec[0], (str, type(None))):
+  if not split_all or not isinstance(embed_axis, (str, type(None))):
     # Rows not split over every batch axis (an odd batch): XLA's own partitioning, correct if not lean.
-    return _fused_local(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll, None, 0)
-  embed_axis, vocab_axis = w_spec
+    return _fused_local(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll, vm, None, 0)
 
   def body(h, w, tgt, wt):
-    col0 = jax.lax.axis_index(vocab_axis) * w.shape[1] if vocab_axis else 0
-    loss, dh, dw = _fused_local(h, w, tgt, wt, chunk, softcap, unroll, vocab_axis, col0)
+    col0 = jax.lax.axis_index(vocab_axis) * w.shape[0 if vm else 1] if vocab_axis else 0
+    loss, dh, dw = _fused_local(h, w, tgt, wt, chunk, softcap, unroll, vm, vocab_axis, col0)
     if batch_axes:
       loss = jax.lax.psum(loss, batch_axes)
     if embed_axis in batch_axes:
-      dw = jax.lax.psum_scatter(dw, embed_axis, scatter_dimension=0, tiled=True)
+      dw = jax.lax.psum_scatter(dw, embed_axis, scatter_dimension=1 if vm else 0, tiled=True)
     rest = tuple(a for a in batch_axes if a != embed_axis)
     if rest:
       dw = jax.lax.psum(dw, rest)
     return loss, dh, dw
 
   h_spec = P(b_spec[0], None, None)
-  fn = jax.shard_map(body, mesh=mesh, in_specs=(h_spec, P(None, vocab_axis), b_spec, b_spec),
+  fn = jax.shard_map(body, mesh=mesh, in_specs=(h_spec, P(vocab_axis, None) if vm else P(None, vocab_axis),
+                                                b_spec, b_spec),
                      out_specs=(P(), h_spec, w_spec), check_vma=False)
   return fn(h_BTD, w_DV, targets_BT, weights_BT)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _fused(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll):
-  return _fused_grads(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _fused(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll, vm):
+  return _fused_grads(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll, vm)[0]
 
 
-def _fused_fwd(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll):
-  loss, dh, dw = _fused_grads(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll)
+def _fused_fwd(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll, vm):
+  loss, dh, dw = _fused_grads(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll, vm)
   # Materialise the sharded dW here: else XLA may fuse its slice of the full reduced buffer into the
   # backward's consumer and keep that [D, V] buffer alive through the whole backward pass.
   loss, dh, dw = jax.lax.optimization_barrier((loss, dh, dw))
   return loss, (dh, dw)
 
 
-def _fused_bwd(chunk, softcap, unroll, res, g):
+def _fused_bwd(chunk, softcap, unroll, vm, res, g):
   dh, dw = res
   scale = lambda x: (x.astype(jnp.float32) * g).astype(x.dtype)  # noqa: E731
   return scale(dh), scale(dw), None, None

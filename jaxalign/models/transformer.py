@@ -164,8 +164,10 @@ class Transformer(nnx.Module):
       lp_BT, _ = self.token_logprobs(h_BTD, targets_BT)
       return jnp.sum(lp_BT * weights_BT.astype(jnp.float32))
     dt = jnp.dtype(cfg.dtype)
-    return lm.head_weighted_logprob_sum(h_BTD.astype(dt), self.head_weight().astype(dt), targets_BT, weights_BT,
-                                        softcap=cfg.final_softcap, unroll=not cfg.scan_layers)
+    tied = cfg.tie_embeddings  # The embedding [V, D] as it is: no transposed copy of it in the chunk loop.
+    w = self.embed[...] if tied else self.lm_head[...]
+    return lm.head_weighted_logprob_sum(h_BTD.astype(dt), w.astype(dt), targets_BT, weights_BT,
+                                        softcap=cfg.final_softcap, unroll=not cfg.scan_layers, vocab_major=tied)
 
   def logits(self, h_BTD) -> jax.Array:
     """Final-normed hidden states -> float32 logits (soft-capped for Gemma 2)."""

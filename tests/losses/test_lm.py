@@ -70,10 +70,16 @@ def test_model_log_probs_tiled_equal_dense():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("chunk,softcap,unroll", [(2, None, False), (3, 3.0, True), (0, None, False)])
-def test_fused_head_equals_dense_value_and_gradients(chunk, softcap, unroll):
+@pytest.mark.parametrize("chunk,softcap,unroll,vm,tiles", [
+    (2, None, False, False, False), (3, 3.0, True, False, False), (0, None, False, False, False),
+    (2, 3.0, False, True, False), (3, None, False, False, True), (2, None, True, True, True)])
+def test_fused_head_equals_dense_value_and_gradients(chunk, softcap, unroll, vm, tiles, monkeypatch):
   """sum(w * log p) and its gradients computed in the forward equal the dense head's under autodiff: several
-  chunks, a ragged last chunk (t=5 by 2 or 3: padded), one chunk (auto), soft-capping; a non-unit cotangent."""
+  chunks, a ragged last chunk (t=5 by 2 or 3: padded), one chunk (auto), soft-capping; a non-unit cotangent;
+  the weight given vocabulary-major ([V, D], a tied embedding); dW made in vocabulary tiles (as for heads whose
+  float32 dW would pass 2^31 bytes: here forced by lowering the limit: 4 tiles of a 64-word vocabulary)."""
+  if tiles:
+    monkeypatch.setattr(lm, "_MAX_VALUE_BYTES", 16 * 64 * 4 // 2)
   k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(3), 4)
   b, t, d, v = 2, 5, 16, 64
   h = jax.random.normal(k1, (b, t, d))
@@ -82,7 +88,9 @@ def test_fused_head_equals_dense_value_and_gradients(chunk, softcap, unroll):
   wt = jax.random.uniform(k4, (b, t)) * (jnp.arange(t) != 2)  # Non-uniform weights, one position masked.
 
   def fused(h, w):
-    return lm.head_weighted_logprob_sum(h, w, tgt, wt, chunk=chunk, softcap=softcap, unroll=unroll)
+    w_ = w.T if vm else w
+    return lm.head_weighted_logprob_sum(h, w_, tgt, wt, chunk=chunk, softcap=softcap, unroll=unroll,
+                                        vocab_major=vm)
 
   def dense(h, w):
     return jnp.sum(_dense(h, w, tgt, 1.0, softcap)[0] * wt)
@@ -106,23 +114,25 @@ def test_fused_head_sharded_equals_unsharded():
   w = jax.random.normal(k2, (d, v)) * 0.5
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
 
-  for b in (8, 3):
+  for b, vm in ((8, False), (3, False), (8, True)):
     h = jax.random.normal(k1, (b, 6, d))
     tgt = jax.random.randint(k3, (b, 6), 0, v)
     wt = (jnp.arange(6)[None] < jnp.arange(b)[:, None] % 6 + 1).astype(jnp.float32)
+    w_ = w.T if vm else w  # Vocabulary-major: a tied embedding [V, D], sharded (tensor, fsdp).
+    spec = P("tensor", "fsdp") if vm else P("fsdp", "tensor")
 
     def loss(h, w):
-      return -lm.head_weighted_logprob_sum(h, w, tgt, wt, chunk=4) / jnp.sum(wt)
+      return -lm.head_weighted_logprob_sum(h, w, tgt, wt, chunk=4, vocab_major=vm) / jnp.sum(wt)
 
-    want = jax.value_and_grad(loss, argnums=(0, 1))(h, w)
+    want = jax.value_and_grad(loss, argnums=(0, 1))(h, w_)
     with jax.set_mesh(mesh):
-      ws = jax.device_put(w, NamedSharding(mesh, P("fsdp", "tensor")))
+      ws = jax.device_put(w_, NamedSharding(mesh, spec))
       got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(h, ws)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     for a, b_ in zip(got[1], want[1]):
       np.testing.assert_allclose(np.asarray(a), b_, rtol=1e-4, atol=1e-6)
     if b == 8:
-      assert got[1][1].sharding.spec == P("fsdp", "tensor")
+      assert got[1][1].sharding.spec == spec
 
 
 def test_sft_loss_through_the_fused_head_equals_the_dense_head():
