@@ -467,10 +467,7 @@ def token_logprobs(cfg: ModelConfig, params, tokens_BT, positions_BT, segment_id
   W: a loss window's targets), through the tiled LM head: the steps' way to log-probs (no [B, T, V] logits)."""
   model = bind(cfg, params)
   h_BTD, _ = model.hidden_states(tokens_BT, positions_BT, segment_ids_BT, None, use_lora)
-  w, t = targets_BW.shape[1], tokens_BT.shape[1]
-  at = slice(t - w, t) if at is None else at
-  return model.token_logprobs(h_BTD if (at.start or 0, at.stop) == (0, t) else h_BTD[:, at], targets_BW,
-                              temperature)
+  return model.token_logprobs(_at(h_BTD, targets_BW, at), targets_BW, temperature)
 
 
 def weighted_logprob_sum(cfg: ModelConfig, params, tokens_BT, positions_BT, segment_ids_BT, targets_BW, weights_BW,
@@ -479,8 +476,15 @@ def weighted_logprob_sum(cfg: ModelConfig, params, tokens_BT, positions_BT, segm
   Transformer.weighted_logprob_sum): for a large vocabulary its gradients are made in the forward."""
   model = bind(cfg, params)
   h_BTD, _ = model.hidden_states(tokens_BT, positions_BT, segment_ids_BT, None, use_lora)
-  w, t = targets_BW.shape[1], tokens_BT.shape[1]
-  return model.weighted_logprob_sum(h_BTD if w == t else h_BTD[:, t - w:], targets_BW, weights_BW)
+  return model.weighted_logprob_sum(_at(h_BTD, targets_BW), targets_BW, weights_BW)
+
+
+def _at(h_BTD, targets_BW, at: slice | None = None):
+  """The hidden states that predict the targets: at the static positions `at`, by default the last W (a
+  loss window's); no slice when that is all of them."""
+  w, t = targets_BW.shape[1], h_BTD.shape[1]
+  at = slice(t - w, t) if at is None else at
+  return h_BTD if (at.start or 0, at.stop) == (0, t) else h_BTD[:, at]
 
 
 def hidden_states(cfg: ModelConfig, params, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None,
