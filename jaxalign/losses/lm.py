@@ -212,9 +212,10 @@ def _fused_local(h_BTD, w_DV, targets_BT, weights_BT, chunk, softcap, unroll, vm
     dw_of = lambda g_: mm(g_, h_ND, 0, 0) if vm else mm(h_ND, g_, 0, 0)  # noqa: E731
     if vt >= v:
       dw = (dw + dw_of(g)).astype(dw.dtype)
-    for lo in range(0, v if vt < v else 0, vt):  # Vocabulary tiles, each updated in place.
-      upd = jax.lax.dynamic_slice_in_dim(dw, lo, min(vt, v - lo), va).astype(jnp.float32) + dw_of(g[:, lo:lo + vt])
-      dw = jax.lax.dynamic_update_slice_in_dim(dw, upd.astype(dw.dtype), lo, va)
+    else:
+      for lo in range(0, v, vt):  # Vocabulary tiles, each updated in place.
+        upd = jax.lax.dynamic_slice_in_dim(dw, lo, min(vt, v - lo), va).astype(jnp.float32) + dw_of(g[:, lo:lo + vt])
+        dw = jax.lax.dynamic_update_slice_in_dim(dw, upd.astype(dw.dtype), lo, va)
     return (loss + jnp.sum(lp * wt_N), dw), dh
 
   def chunks(x):  # [B, k*c, ...] -> [k, B*c, ...]
