@@ -223,9 +223,17 @@ def _mean_keys(t: int, window: int) -> float:
 def collective_counts(hlo: str) -> dict:
   """How many of each collective op the compiled HLO runs (async starts counted once)."""
   counts = collections.Counter()
+  hlo = _uncomment(hlo)
   for op in COLLECTIVES:
     counts[op] = len(re.findall(rf"= [^=]*?\b{op}(?:-start)?\(", hlo))
   return {k: v for k, v in counts.items() if v}
+
+
+def _uncomment(hlo: str) -> str:
+  """The HLO without XLA's `/*index=N*/` markers: it writes one every fifth element of a long tuple, and their
+  '=' would end the match of a combined collective's result shape (six or more arrays reduced at once went
+  uncounted)."""
+  return re.sub(r"/\*index=\d+\*/", "", hlo)
 
 
 def collective_bytes(hlo: str) -> dict:
@@ -237,6 +245,7 @@ def largest(hlo: str, op: str, n: int | None = 3) -> list[dict]:
   """The `n` largest results of `op` in the HLO (all if n is None), by bytes per device. A combined op
   (a tuple result) counts all its arrays; an async `-start` tuple (operands, results) its largest array."""
   found = []
+  hlo = _uncomment(hlo)
   for m in re.finditer(rf"= (\([^=]*?\)|[a-z0-9]+\[[0-9,]*\]\S*) \b{op}(-start)?\(", hlo):
     arrays = [(dt, [int(x) for x in dims.split(",") if x])
               for dt, dims in re.findall(r"([a-z][a-z0-9]*)\[([0-9,]*)\]", m.group(1))]
