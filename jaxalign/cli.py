@@ -69,6 +69,9 @@ def train(argv: list[str] | None = None) -> None:
   topology = flags.DEFINE_string("topology", "", "With --dry_run: compile for a Cloud TPU slice (v4-8, v5e-16, "
                                  "v5p-128, v6e-64, ...) instead of the local devices (needs libtpu, not a TPU).")
   slices = flags.DEFINE_integer("num_slices", 1, "With --topology: number of slices (multislice).")
+  step_time = flags.DEFINE_enum("step_time", "extrapolated", ["extrapolated", "unrolled", "none"],
+                                "With --topology: price the step from 1- and 2-layer compiles (about 1%), "
+                                "from the whole model unrolled (exact to the cost model; minutes), or not.")
   flags.mark_flags_as_required(["config", "workdir"])
 
   def main(args):
@@ -81,7 +84,7 @@ def train(argv: list[str] | None = None) -> None:
     cfg = config.value
     launch_utils.log_devices()
     if dry.value:
-      launch_utils.dry_run(cfg, workdir.value, topology.value, slices.value)
+      launch_utils.dry_run(cfg, workdir.value, topology.value, slices.value, step_time.value)
       return
     sys.exit(launch_utils.train(cfg, workdir.value))
 

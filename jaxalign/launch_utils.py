@@ -83,13 +83,14 @@ def train(config, workdir: str) -> int:
   return 0
 
 
-def dry_run(config, workdir: str | None = None, topology: str = "", num_slices: int = 1) -> dict:
+def dry_run(config, workdir: str | None = None, topology: str = "", num_slices: int = 1,
+            step_time: str = "extrapolated") -> dict:
   """Compile the stage's programs for the configured mesh over the local devices or a named TPU topology,
   from shapes alone; print per-device memory, time and MFU, and write WORKDIR/plan.json."""
   from jaxalign import paths, plan
 
   quiet_libraries()
-  out = plan.compile_plan(config, topology, num_slices)
+  out = plan.compile_plan(config, topology, num_slices, step_time=step_time)
   print(plan.summary(out), flush=True)
   if workdir and jax.process_index() == 0:
     paths.makedirs(workdir)

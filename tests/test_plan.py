@@ -90,7 +90,7 @@ def test_cli_plan_for_a_tpu_topology_without_a_tpu(tmp_path):
   assert row["attention"].startswith("pallas")
 
 
-def _plan(model_dir, scan=True, **overrides):
+def _plan(model_dir, scan=True, step_time="extrapolated", **overrides):
   """compile_plan of a tiny SFT step for v5p-8 in-process, at the TPU's default matmul precision (the test
   session's 'highest' would ask Mosaic kernels for float32 contractions of bfloat16 operands)."""
   import jax
@@ -100,7 +100,7 @@ def _plan(model_dir, scan=True, **overrides):
   cfg = load_config("sft", "tiny", mesh__data=1, mesh__fsdp=-1, model__init=str(model_dir), train__seq_len=256,
                     train__batch_size=8, model__dtype="bfloat16", model__scan_layers=scan, **overrides)
   with jax.default_matmul_precision("default"):
-    return plan.compile_plan(cfg, "v5p-8", extrapolate=scan)
+    return plan.compile_plan(cfg, "v5p-8", extrapolate=scan, step_time=step_time)
 
 
 def _whole_model_seconds(model_dir, layers, **overrides) -> float:
@@ -139,7 +139,7 @@ def test_plan_of_a_mixture_of_experts_model_over_an_expert_axis(tmp_path):
 
 def test_plan_of_a_model_mixing_sliding_and_global_layers(tmp_path):
   """Gemma 3's sliding and global layers are priced by kind: the first layer, then each kind's margin times
-  its count, near a compile of the whole model unrolled."""
+  its count, near the plan's own --step_time=unrolled (the whole model compiled unrolled)."""
   pytest.importorskip("libtpu")
   import transformers
   transformers.Gemma3TextConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
@@ -149,5 +149,7 @@ def test_plan_of_a_model_mixing_sliding_and_global_layers(tmp_path):
   row = _plan(tmp_path)["programs"]["train_step"]
   assert "1 x" in row["step_seconds_from"] and "(sliding_attention)" in row["step_seconds_from"]
   assert "(full_attention)" in row["step_seconds_from"]
-  whole = _plan(tmp_path, scan=False)["programs"]["train_step"]
+  whole = _plan(tmp_path, step_time="unrolled")["programs"]["train_step"]
+  assert whole["step_seconds_from"] == "the whole model unrolled (3 layers)"
   assert row["step_seconds"] == pytest.approx(whole["step_seconds"], rel=0.15)
+  assert sum(whole["collective_bytes_per_step"].values()) > 0 and 0 < whole["mfu"] < 1
