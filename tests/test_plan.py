@@ -82,6 +82,8 @@ def test_cli_plan_for_a_tpu_topology_without_a_tpu(tmp_path):
   assert plan["opt_state_bytes_per_device"] < 0.8 * 4 * plan["params_total"]
   row = plan["programs"]["train_step"]
   assert row["fits"] and 0 < row["hbm_fraction"] < 0.01
+  # The peak is libtpu's own (its heap's peak with the arguments), never above arguments + temporaries.
+  assert row["argument_bytes"] < row["peak_bytes"] <= row["sum_bytes"]
   assert row["step_seconds"] > 0 and 0 < row["mfu"] < 1
   assert row["collectives"].get("all-gather", 0) + row["collectives"].get("all-reduce", 0) > 0  # FSDP over 4.
   assert "fits" in out.stdout and "train_step: peak" in out.stdout
