@@ -160,6 +160,22 @@ def test_remat_and_scan_same_gradients(remat):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g0, g1)
 
 
+def test_accelerator_dense_path_equals_the_cpu_path(monkeypatch):
+  """On TPU/GPU `dense` contracts the weight as stored (no [D, N*H] flattening, which made XLA re-gather the
+  k/v weights per layer); the same model gives the CPU path's outputs and gradients."""
+  cfg = preset("tiny")
+  params = T.init_params(cfg, jax.random.key(5))
+  tok = jnp.arange(24).reshape(2, 12) % 256
+  loss = lambda p: jnp.mean(jnp.square(T.forward(cfg, p, tok)[0]))  # noqa: E731
+  v0, g0 = jax.value_and_grad(loss)(params)
+  monkeypatch.setattr(sharding, "platform", lambda: "tpu")
+  jaxpr = str(jax.make_jaxpr(loss)(params))
+  assert "dimension_numbers=(([2, 3], [0, 1]), ([], []))" in jaxpr  # wo contracted over its [N, H] dims.
+  v1, g1 = jax.value_and_grad(loss)(params)
+  np.testing.assert_allclose(v1, v0, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g0)
+
+
 def test_sharded_forward_equals_unsharded(hf_factory):
   path = hf_factory("qwen3")
   cfg = hf.config_from_hf(path)
