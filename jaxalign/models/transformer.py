@@ -196,7 +196,7 @@ class Transformer(nnx.Module):
       positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones((b, t), jnp.int32)
-    x_BTD = _c(jnp.take(self.embed[...], tokens_BT, axis=0).astype(dt), BTD)
+    x_BTD = _c(embed_lookup(self.embed[...], tokens_BT, dt), BTD)
     if cfg.embed_scale:
       x_BTD = x_BTD * jnp.asarray(math.sqrt(cfg.hidden_size), dt)
     sin_RBTH, cos_RBTH = rope.tables(cfg, positions_BT)
@@ -248,6 +248,32 @@ class Transformer(nnx.Module):
     if cache is not None:
       cache = KVCache(kv_out[0], kv_out[1], k_seg, k_pos, cache.index + t)
     return h_BTD, cache
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def embed_lookup(table_VD, tokens_BT, dtype):
+  """table[tokens] in the compute dtype; its gradient accumulated in the table's dtype as autodiff does, but
+  with the rows' gradients moved to the table's sharding (embed over fsdp) in the compute dtype first.
+
+  Why: autodiff converts the bf16 cotangent to float32 before the scatter-add, and XLA's partitioner then
+  moves it between devices in float32 (an all-to-all of [rows, T, D] per step: 64 MiB per 4k row); the same
+  sum from the bf16 values, converted after the move, is equal and moves half (MaxText's moves bf16 and
+  sums in bf16)."""
+  return jnp.take(table_VD, tokens_BT, axis=0).astype(dtype)
+
+
+def _embed_fwd(table_VD, tokens_BT, dtype):
+  return embed_lookup(table_VD, tokens_BT, dtype), (table_VD, tokens_BT)
+
+
+def _embed_bwd(dtype, res, g_BTD):
+  table_VD, tokens_BT = res
+  g_BTD = _c(g_BTD, (None, None, "embed"))  # The table's sharding of D: the move happens here, in bf16.
+  d_VD = jnp.zeros(table_VD.shape, table_VD.dtype).at[tokens_BT].add(g_BTD.astype(table_VD.dtype))
+  return d_VD, None
+
+
+embed_lookup.defvjp(_embed_fwd, _embed_bwd)
 
 
 def remat_policy(remat: str):

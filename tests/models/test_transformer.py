@@ -176,6 +176,32 @@ def test_accelerator_dense_path_equals_the_cpu_path(monkeypatch):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g0)
 
 
+def test_embedding_gradient_is_autodiffs_and_moves_in_the_compute_dtype():
+  """The lookup's gradient equals autodiff's (float32 sums of the bf16 rows, repeated tokens included); for an
+  FSDP-sharded table on a TPU slice the rows' gradients move between chips in bf16, not float32."""
+  table = jax.random.normal(jax.random.key(0), (64, 16))
+  tok = jnp.array([[1, 3, 3, 7], [63, 1, 0, 3]])
+  f = lambda t: jnp.sum(jnp.sin(T.embed_lookup(t, tok, jnp.bfloat16).astype(jnp.float32)))  # noqa: E731
+  g = lambda t: jnp.sum(jnp.sin(jnp.take(t, tok, axis=0).astype(jnp.bfloat16).astype(jnp.float32)))  # noqa: E731
+  np.testing.assert_array_equal(jax.grad(f)(table), jax.grad(g)(table))
+  pytest.importorskip("libtpu")
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from jaxalign import plan, topology
+  mesh = sharding.make_mesh(1, -1, 1, devices=topology.parse("v5p-8").devices())
+  ts = jax.ShapeDtypeStruct((128, 256), jnp.float32, sharding=NamedSharding(mesh, P(None, "fsdp")))
+  ks = jax.ShapeDtypeStruct((8, 64), jnp.int32, sharding=NamedSharding(mesh, P("fsdp")))
+
+  def loss(t, k):
+    x = sharding.constrain(T.embed_lookup(t, k, jnp.bfloat16), ("act_batch", None, None))
+    return jnp.sum(jnp.square(x.astype(jnp.float32)))
+  with jax.set_mesh(mesh):
+    hlo = jax.jit(jax.grad(loss)).lower(ts, ks).compile().as_text()
+  moved = [r for op in plan.COLLECTIVES for r in plan.largest(hlo, op, None) if r["dtype"] != "s32"]
+  # Autodiff's version all-reduces the whole float32 table gradient here (an f32 all-to-all at 8B scale).
+  assert moved and all(r["dtype"] == "bf16" for r in moved), moved
+
+
 def test_sharded_forward_equals_unsharded(hf_factory):
   path = hf_factory("qwen3")
   cfg = hf.config_from_hf(path)
