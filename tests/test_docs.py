@@ -17,7 +17,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 TRAIN_FLAGS = {"config", "workdir", "distributed", "coordinator", "num_processes", "process_id", "dry_run",
-               "topology", "num_slices", "verbose"}
+               "topology", "num_slices", "step_time", "verbose"}
 
 
 def _blocks(doc: str, lang: str) -> list[str]:
