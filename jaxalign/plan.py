@@ -85,6 +85,10 @@ def compile_plan(config, topology: str = "", num_slices: int = 1, *, extrapolate
     _unrolled(config, mesh, out["programs"])
   elif extrapolate and step_time == "extrapolated" and layers > 2 and topo is not None:
     _extrapolate(config, mesh, out["programs"])
+  elif step_time == "none":  # The compiled program's own time counts a scanned layer once: not a step time.
+    for row in out["programs"].values():
+      if row.pop("step_seconds", None) is not None:
+        row["step_seconds_from"] = "not priced (--step_time=none)"
   for name, row in out["programs"].items():
     flops = _model_flops(config, name, layers)
     if flops:
