@@ -45,6 +45,9 @@ def _one(fn: str, kwargs: dict):
 def _spawn(name, fn, kwargs):
   cmd = [sys.executable, os.path.abspath(__file__), "--one", fn, "--kwargs", json.dumps(kwargs)]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  if fn.startswith(("jaxalign", "plain_jax")):  # As the launchers run JAX on the CPU (cpu_runtime); the floor too.
+    from jaxalign import cpu_runtime
+    env = cpu_runtime.tuned_environ(env) or env
   t = time.time()
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(HERE))
   if out.returncode != 0:

@@ -37,6 +37,15 @@ def _skip_absent_tpu() -> None:
   os.environ["JAX_PLATFORMS"] = "cuda,cpu" if cuda else "cpu"
 
 
+def _prepare_process() -> None:
+  """What a launcher does before jax is imported: pick the platforms, then (on the CPU) relaunch once with the
+  allocator XLA:CPU runs fastest under (cpu_runtime)."""
+  _skip_absent_tpu()
+  from jaxalign import cpu_runtime
+
+  cpu_runtime.relaunch()
+
+
 def _resolve_config_arg(argv: list[str], default: str | None = None) -> list[str]:
   """`--config=sft` -> `--config=<installed sft.py>`; a path stays as given; a default when absent."""
   out, seen = [], False
@@ -51,7 +60,10 @@ def _resolve_config_arg(argv: list[str], default: str | None = None) -> list[str
 
 
 def train(argv: list[str] | None = None) -> None:
-  """`launch/train.py`: one stage, or its compile plan with --dry_run."""
+  """`launch/train.py`: one stage, or its compile plan with --dry_run. `argv=None`: this process's own command
+  line (a launcher; it may relaunch itself, cpu_runtime); a list: called from Python, nothing relaunched."""
+  if argv is None:
+    _prepare_process()
   _skip_absent_tpu()
   from absl import app, flags, logging
   from ml_collections import config_flags
@@ -94,7 +106,10 @@ def train(argv: list[str] | None = None) -> None:
 
 
 def pipeline(argv: list[str] | None = None) -> None:
-  """`launch/pipeline.py`: the quickstart, SFT -> reward model -> DPO, PPO, GRPO -> evaluation -> report."""
+  """`launch/pipeline.py`: the quickstart, SFT -> reward model -> DPO, PPO, GRPO -> evaluation -> report
+  (`argv` as for `train`)."""
+  if argv is None:
+    _prepare_process()
   _skip_absent_tpu()
   from absl import app, flags
   from ml_collections import config_flags
@@ -121,6 +136,7 @@ def main() -> None:
     print(USAGE)
     print(__doc__.split("\n\n", 2)[1])
     sys.exit(0 if len(sys.argv) >= 2 else 2)
+  _prepare_process()
   command, rest = sys.argv[1], sys.argv[2:]
   prog = f"jaxalign {command}"
   if command in ("train", "evaluate"):
