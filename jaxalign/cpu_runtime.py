@@ -38,14 +38,16 @@ OFF = ("0", "off", "false", "no")
 
 
 def runs_on_cpu(environ=os.environ) -> bool:
-  """Whether JAX will pick the CPU: JAX_PLATFORMS names it first, or it is unset and no TPU device, libtpu or
-  CUDA plugin is present (`cli._skip_absent_tpu` sets JAX_PLATFORMS=cpu on a CPU host with libtpu)."""
+  """Whether JAX will run on the CPU: JAX_PLATFORMS names it first, or it is unset and the machine has no TPU
+  (/dev/accel*, /dev/vfio/N) and no NVIDIA GPU with a CUDA plugin installed. libtpu installed without a TPU
+  (the test extra, for compile plans) still means the CPU."""
   plats = environ.get("JAX_PLATFORMS", "").strip()
   if plats:
     return plats.split(",")[0].strip() == "cpu"
   if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
     return False
-  return not any(importlib.util.find_spec(m) for m in ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin"))
+  cuda = any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+  return not (cuda and glob.glob("/dev/nvidia[0-9]*"))
 
 
 def merged_tunables(current: str) -> str:

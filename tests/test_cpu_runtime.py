@@ -40,6 +40,16 @@ def test_accelerators_and_the_off_switch_are_left_alone():
   assert cpu_runtime.runs_on_cpu({"JAX_PLATFORMS": "cpu,tpu"})
 
 
+def test_a_cpu_host_with_libtpu_installed_counts_as_the_cpu(monkeypatch):
+  """The test extra installs libtpu for compile plans; without TPU device files JAX runs on the CPU."""
+  real = cpu_runtime.importlib.util.find_spec
+  monkeypatch.setattr(cpu_runtime.importlib.util, "find_spec", lambda m: object() if m == "libtpu" else real(m))
+  monkeypatch.setattr(cpu_runtime.glob, "glob", lambda pattern: [])
+  assert cpu_runtime.runs_on_cpu({})
+  monkeypatch.setattr(cpu_runtime.glob, "glob", lambda pattern: ["/dev/accel0"] if "accel" in pattern else [])
+  assert not cpu_runtime.runs_on_cpu({})
+
+
 SCRIPT = r"""
 import json, os, resource, sys
 print("pid", os.getpid(), flush=True)  # printed twice, by one pid, when the process relaunched itself
