@@ -39,10 +39,14 @@ def _skip_absent_tpu() -> None:
 
 def _prepare_process() -> None:
   """What a launcher does before jax is imported: pick the platforms, then (on the CPU) relaunch once with the
-  allocator XLA:CPU runs fastest under (cpu_runtime)."""
+  allocator XLA:CPU's steps run fastest under (cpu_runtime). Not for --dry_run: a plan only compiles, and
+  the tuned allocator compiles slower."""
   _skip_absent_tpu()
   from jaxalign import cpu_runtime
 
+  if any(a == "--dry_run" or (a.startswith("--dry_run=") and a.split("=", 1)[1].lower() not in ("false", "0"))
+         for a in sys.argv[1:]):
+    return
   cpu_runtime.relaunch()
 
 

@@ -96,3 +96,18 @@ def test_relaunched_launcher_keeps_xla_temporaries_between_calls():
   thp = "/sys/kernel/mm/transparent_hugepage/enabled"
   if not (os.path.exists(thp) and "[always]" in open(thp).read()):  # glibc's default: a fresh mapping per call, faulted in 4 KiB at a time
     assert plain["faults"] > 0.5 * pages, plain
+
+
+@pytest.mark.parametrize("argv,relaunched", [(["train.py", "--config=sft"], True),
+                                             (["train.py", "--config=sft", "--dry_run"], False),
+                                             (["train.py", "--dry_run=true"], False),
+                                             (["train.py", "--dry_run=false"], True)])
+def test_launchers_relaunch_for_runs_not_for_compile_plans(monkeypatch, argv, relaunched):
+  from jaxalign import cli
+
+  calls = []
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # _skip_absent_tpu would otherwise set it for the whole session
+  monkeypatch.setattr(cpu_runtime, "relaunch", lambda: calls.append(1))
+  monkeypatch.setattr(cli.sys, "argv", argv)
+  cli._prepare_process()
+  assert bool(calls) == relaunched
