@@ -180,11 +180,15 @@ def main():
         runs[name].append(_spawn(name, fn, kw))
     results.update({name: _pool(rs) for name, rs in runs.items()})
   import platform
+  from jaxalign import cpu_runtime
+  tuned = cpu_runtime.tuned_environ(dict(os.environ))  # what _spawn gives the JAX contenders
   meta = {"machine": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count(),
+          "jax_allocator": tuned["GLIBC_TUNABLES"] if tuned else "as the environment gives it",
           "time": time.strftime("%Y-%m-%d %H:%M"), "command": f"python3 bench/run.py --only={a.only} --rounds={a.rounds}"}
   with open(a.out, "w") as f:
     json.dump({"meta": meta, "results": results}, f, indent=2)
   print(f"{meta['cpu']}, {meta['cpus']} CPUs, {meta['time']}: {meta['command']}")
+  print(f"JAX contenders' allocator (as the launchers set it, jaxalign.cpu_runtime): {meta['jax_allocator']}")
   print("\n".join(report(results) + [""] + spread(results)))
 
 
