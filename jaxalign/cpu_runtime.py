@@ -7,8 +7,10 @@ getrusage) inside the kernels that first touch it. Routing large blocks through 
 trimmed (`arena_max=1`, `mmap_max=0`) keeps the memory between steps (0 faults), and `hugetlb=1` lets the
 kernel back it with transparent huge pages. Measured on a 2-core AMD EPYC (`python3 bench/flags.py
 --variants=default,keep1_huge --rounds=2`): median SFT step 0.380 -> 0.309 s, p90/min 1.13 -> 1.08.
-The cost is XLA's compile: one arena serialises its threads' allocations (SFT step 2.6 -> 3.1 s, with the
-per-thread cache raised to absorb most of it); the persistent compilation cache pays it once.
+The cost is XLA's compile: one arena serialises its threads' allocations (the SFT step's compile 2.5-2.9 ->
+3.8-5.0 s; a larger per-thread cache took most of that back but let cached small blocks pin the freed
+temporaries' space, and the heap grew by a temporary every step), paid once per program with the persistent
+compilation cache; and the process keeps its heap's high-water mark (docs/performance.md, "The allocator").
 
 glibc reads its tunables only when a process starts, so the launchers (`launch/train.py`, `launch/pipeline.py`,
 the `jaxalign` command) re-execute themselves once with `GLIBC_TUNABLES` set: same pid, same arguments,
@@ -22,7 +24,6 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
-import platform
 import sys
 
 # key -> value; see the module docstring for why each.
@@ -57,10 +58,17 @@ def merged_tunables(current: str) -> str:
   return ":".join(items + [f"{k}={v}" for k, v in TUNABLES.items() if k not in have])
 
 
+def _glibc() -> bool:
+  try:
+    return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+  except (ValueError, OSError):  # musl and other libcs do not know the name
+    return False
+
+
 def tuned_environ(environ=os.environ) -> dict | None:
   """The environment to relaunch with, or None when there is nothing to do: not Linux/glibc, not the CPU,
   turned off, or already relaunched (the switch is set)."""
-  if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+  if sys.platform != "linux" or not _glibc():
     return None
   if environ.get(SWITCH, "").strip().lower() in OFF + ("applied",) or not runs_on_cpu(environ):
     return None
@@ -71,9 +79,9 @@ def tuned_environ(environ=os.environ) -> dict | None:
 
 
 def relaunch() -> None:
-  """Re-execute this process with the tuned allocator when `tuned_environ` says so (call it before importing
-  jax: its threads and buffers would be set up twice otherwise). Returns only when nothing was done or the
-  exec failed; on success the process starts over with the same arguments and this call returns None there."""
+  """Re-execute this process with the tuned allocator when `tuned_environ` says so; call it before importing
+  jax (glibc reads its tunables at start only). On success it does not return: the process starts over with
+  the same arguments, where this call then finds the switch set and returns at once."""
   env = tuned_environ()
   if env is None:
     return
