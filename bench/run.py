@@ -22,6 +22,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from jaxalign import cpu_runtime  # noqa: E402  (no jax import: the parent only spawns)
+
 JOBS = {
     "peak": [("peak_matmul", "peak_matmul_flops", {})],
     "sft": [("jaxalign_sft", "jaxalign_sft", {}), ("plain_jax_sft", "plain_jax_sft", {}),
@@ -46,7 +48,6 @@ def _spawn(name, fn, kwargs):
   cmd = [sys.executable, os.path.abspath(__file__), "--one", fn, "--kwargs", json.dumps(kwargs)]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   if fn.startswith(("jaxalign", "plain_jax")):  # As the launchers run JAX on the CPU (cpu_runtime); the floor too.
-    from jaxalign import cpu_runtime
     env = cpu_runtime.tuned_environ(env) or env
   t = time.time()
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(HERE))
@@ -180,7 +181,6 @@ def main():
         runs[name].append(_spawn(name, fn, kw))
     results.update({name: _pool(rs) for name, rs in runs.items()})
   import platform
-  from jaxalign import cpu_runtime
   tuned = cpu_runtime.tuned_environ(dict(os.environ))  # what _spawn gives the JAX contenders
   meta = {"machine": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count(),
           "jax_allocator": tuned["GLIBC_TUNABLES"] if tuned else "as the environment gives it",

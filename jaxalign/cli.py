@@ -25,16 +25,16 @@ def _skip_absent_tpu() -> None:
   hostnames, 'No jellyfish device found'): noise a newcomer reads as a bug. When JAX_PLATFORMS is unset and
   the machine has no TPU device files, pick the platforms explicitly: CUDA (if its jax plugin is installed)
   and the CPU. A TPU VM (/dev/accel*, /dev/vfio/N) and an explicit JAX_PLATFORMS are left alone."""
-  import glob
   import importlib.util
   import os
 
-  if "JAX_PLATFORMS" in os.environ or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+  from jaxalign import cpu_runtime
+
+  if "JAX_PLATFORMS" in os.environ or cpu_runtime.tpu_attached():
     return
   if importlib.util.find_spec("libtpu") is None:
     return
-  cuda = any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
-  os.environ["JAX_PLATFORMS"] = "cuda,cpu" if cuda else "cpu"
+  os.environ["JAX_PLATFORMS"] = "cuda,cpu" if cpu_runtime.cuda_plugin_installed() else "cpu"
 
 
 def _prepare_process() -> None:
@@ -66,9 +66,7 @@ def _resolve_config_arg(argv: list[str], default: str | None = None) -> list[str
 def train(argv: list[str] | None = None) -> None:
   """`launch/train.py`: one stage, or its compile plan with --dry_run. `argv=None`: this process's own command
   line (a launcher; it may relaunch itself, cpu_runtime); a list: called from Python, nothing relaunched."""
-  if argv is None:
-    _prepare_process()
-  _skip_absent_tpu()
+  _prepare_process() if argv is None else _skip_absent_tpu()
   from absl import app, flags, logging
   from ml_collections import config_flags
 
@@ -112,9 +110,7 @@ def train(argv: list[str] | None = None) -> None:
 def pipeline(argv: list[str] | None = None) -> None:
   """`launch/pipeline.py`: the quickstart, SFT -> reward model -> DPO, PPO, GRPO -> evaluation -> report
   (`argv` as for `train`)."""
-  if argv is None:
-    _prepare_process()
-  _skip_absent_tpu()
+  _prepare_process() if argv is None else _skip_absent_tpu()
   from absl import app, flags
   from ml_collections import config_flags
 

@@ -38,17 +38,25 @@ SWITCH = "JAXALIGN_CPU_MALLOC"  # "0" (or off/false/no): leave the allocator alo
 OFF = ("0", "off", "false", "no")
 
 
+def tpu_attached() -> bool:
+  """A TPU VM's device files (/dev/accel* on v2-v4 and v5e, /dev/vfio/N on v5p and later)."""
+  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def cuda_plugin_installed() -> bool:
+  return any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+
+
 def runs_on_cpu(environ=os.environ) -> bool:
   """Whether JAX will run on the CPU: JAX_PLATFORMS names it first, or it is unset and the machine has no TPU
-  (/dev/accel*, /dev/vfio/N) and no NVIDIA GPU with a CUDA plugin installed. libtpu installed without a TPU
-  (the test extra, for compile plans) still means the CPU."""
+  and no NVIDIA GPU with a CUDA plugin installed. libtpu installed without a TPU (the test extra, for compile
+  plans) still means the CPU."""
   plats = environ.get("JAX_PLATFORMS", "").strip()
   if plats:
     return plats.split(",")[0].strip() == "cpu"
-  if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+  if tpu_attached():
     return False
-  cuda = any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
-  return not (cuda and glob.glob("/dev/nvidia[0-9]*"))
+  return not (cuda_plugin_installed() and glob.glob("/dev/nvidia[0-9]*"))
 
 
 def merged_tunables(current: str) -> str:
