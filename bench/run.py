@@ -7,7 +7,10 @@ Each contender runs in its own subprocess (separate thread pools), one after ano
 table with medians, min/max and ratios measured in this same run, and writes bench/results.json.
 With --rounds=N (default 2 for the peer groups) each group's contenders run N times in turn (A B C A B C) and
 every figure pools its timed steps over the rounds: a shared VM's load drifts over minutes, and alternating
-spreads the drift over all contenders instead of favouring whichever ran in a quiet spell.
+spreads the drift over all contenders instead of favouring whichever ran in a quiet spell. The ratios are
+also printed round by round (a drift between rounds cancels within one), and before every contender the
+parent times one second of a fixed numpy matmul: the machine's own spread over the same minutes, printed as
+the last row of the spread table, beside which the contenders' p90/min reads.
 """
 
 from __future__ import annotations
@@ -63,6 +66,21 @@ def _spawn(name, fn, kwargs):
 ROUNDS = {"peak": 1, "scaling": 1}  # Groups not listed run --rounds times.
 
 
+def machine_probe(seconds: float = 1.0, n: int = 768) -> float:
+  """Seconds per float32 n x n matmul (numpy's BLAS, both cores) averaged over a `seconds` window: run between
+  contenders, the machine's own throughput over the run. On a shared VM it drifts by itself (a 2-core Xeon of
+  2026-12-05: 1.36x between 2 s windows of one minute), and a contender's step spread can only be read beside
+  it."""
+  import numpy as np
+  a = np.random.default_rng(0).random((n, n), dtype=np.float32)
+  a @ a
+  k, t = 0, time.perf_counter()
+  while time.perf_counter() - t < seconds:
+    a @ a
+    k += 1
+  return (time.perf_counter() - t) / k
+
+
 def _pool(runs: list) -> dict | None:
   """One figure from several rounds: statistics over all their timed steps; compile time of the first."""
   import numpy as np
@@ -98,6 +116,13 @@ def spread(r: dict) -> list[str]:
       rm = ", ".join(f"{x:.3f}" for x in v.get("round_medians", []))
       lines.append(f"| {k} | {v['n']} | {v['min_s']:.3f} | {v['median_s']:.3f} | {v['p90_s']:.3f} | "
                    f"{v['p90_s'] / v['min_s']:.2f} | {rm} |")
+  m = r.get("machine_probe")
+  if m:  # The machine's own spread over the same minutes (1 s windows of one fixed matmul, between contenders).
+    import numpy as np
+    t = np.asarray(m["times"])
+    lines.append(f"| machine: numpy {m['n']}x{m['n']} matmul, {t.size} windows of 1 s between contenders | - | "
+                 f"{t.min():.5f} | {np.median(t):.5f} | {np.percentile(t, 90):.5f} | "
+                 f"{np.percentile(t, 90) / t.min():.2f} | - |")
   return lines
 
 
@@ -149,6 +174,19 @@ def report(r: dict) -> list[str]:
   return lines
 
 
+def per_round(r: dict) -> list[str]:
+  """Each headline ratio round by round: contenders of one round ran minutes apart, so a drift of the machine
+  between rounds (which pooling mixes into both figures) cancels within a round."""
+  out = []
+  for label, a, b in (("SFT vs PyTorch eager", "jaxalign_sft", "torch_sft"), ("SFT vs TRL", "jaxalign_sft", "trl_sft"),
+                      ("DPO vs PyTorch eager", "jaxalign_dpo", "torch_dpo"), ("DPO vs TRL", "jaxalign_dpo", "trl_dpo"),
+                      ("GRPO vs TRL", "jaxalign_grpo", "trl_grpo")):
+    ra, rb = (r.get(a) or {}).get("round_medians"), (r.get(b) or {}).get("round_medians")
+    if ra and rb and len(ra) == len(rb) and len(ra) > 1:
+      out.append(f"{label} " + ", ".join(f"{y / x:.2f}x" for x, y in zip(ra, rb)))
+  return ["Ratios per round (same units per step: the other's median over jaxalign's): " + "; ".join(out)] if out else []
+
+
 def _n(x):
   return "-" if x is None else f"{x:,.0f}"
 
@@ -172,14 +210,16 @@ def main():
   if a.one:
     print(json.dumps(_one(a.one, json.loads(a.kwargs))))
     return
-  results = {}
+  results, probe = {}, []
   for group in a.only.split(","):
     print(f"[{group}]", flush=True)
     runs = {name: [] for name, _, _ in JOBS[group]}
     for _ in range(ROUNDS.get(group, a.rounds)):
       for name, fn, kw in JOBS[group]:
+        probe.append(machine_probe())
         runs[name].append(_spawn(name, fn, kw))
     results.update({name: _pool(rs) for name, rs in runs.items()})
+  results["machine_probe"] = {"n": 768, "times": probe}
   import platform
   tuned = cpu_runtime.tuned_environ(dict(os.environ))  # what _spawn gives the JAX contenders
   meta = {"machine": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count(),
@@ -189,7 +229,7 @@ def main():
     json.dump({"meta": meta, "results": results}, f, indent=2)
   print(f"{meta['cpu']}, {meta['cpus']} CPUs, {meta['time']}: {meta['command']}")
   print(f"JAX contenders' allocator (as the launchers set it, jaxalign.cpu_runtime): {meta['jax_allocator']}")
-  print("\n".join(report(results) + [""] + spread(results)))
+  print("\n".join(report(results) + per_round(results) + [""] + spread(results)))
 
 
 if __name__ == "__main__":
