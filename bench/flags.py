@@ -31,6 +31,8 @@ VARIANTS = {
     "noxnn": {"XLA_FLAGS": "--xla_cpu_use_xnnpack=false"},
     "ynn_dot": {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"},
     "xnn_all": {"XLA_FLAGS": "--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce"},
+    "onednn": {"XLA_FLAGS": "--xla_cpu_use_onednn=true"},
+    "onednn_dot": {"XLA_FLAGS": "--xla_cpu_experimental_onednn_fusion_type=dot"},
     # A no-op for XLA's large blocks: glibc ignores an mmap threshold above 32 MiB (kept as measured 2026-12-01).
     "malloc": {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(64 << 30),
                "MALLOC_TOP_PAD_": str(1 << 30)},
@@ -45,6 +47,15 @@ VARIANTS = {
     "keep1_huge": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:"
                                      "glibc.malloc.trim_threshold=68719476736"},
 }
+
+
+def variant_env(name: str) -> dict:
+  """A variant's environment; `a+b` combines variants (XLA_FLAGS joined with spaces, GLIBC_TUNABLES with ':')."""
+  env = {}
+  for part in name.split("+"):
+    for k, v in VARIANTS[part].items():
+      env[k] = f"{env[k]}{' ' if k == 'XLA_FLAGS' else ':'}{v}" if k in env and k in ("XLA_FLAGS", "GLIBC_TUNABLES") else v
+  return env
 
 
 def stats(t) -> str:
@@ -66,7 +77,7 @@ def main():
   for r in range(a.rounds):
     for n in names:
       env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-      env.update(VARIANTS[n])
+      env.update(variant_env(n))
       cmd = [sys.executable, os.path.join(HERE, "run.py"), "--one", a.fn, "--kwargs", json.dumps({"steps": a.steps, **json.loads(a.kwargs)})]
       out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(HERE))
       if out.returncode != 0:

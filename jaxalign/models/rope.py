@@ -158,8 +158,11 @@ def apply(x_BTNH, sin_BTH, cos_BTH):
   (TPU cost model, Llama-3-8B SFT 4k on v5p-128: 0.693 -> 0.678 s per step, docs/performance.md)."""
   cos, sin = cos_BTH.astype(x_BTNH.dtype), sin_BTH.astype(x_BTNH.dtype)
   rot_dim = cos.shape[-1]
-  x_rot, x_pass = (x_BTNH, None) if rot_dim == x_BTNH.shape[-1] else (x_BTNH[..., :rot_dim], x_BTNH[..., rot_dim:])
+  h = x_BTNH.shape[-1]
+  # Splits, not slices: a split's gradient is one concatenate, a slice's a zero-padded full-width array.
+  x_rot, x_pass = (x_BTNH, None) if rot_dim == h else jax.lax.split(x_BTNH, [rot_dim, h - rot_dim], axis=-1)
   half = rot_dim // 2
-  rot = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+  x1, x2 = jax.lax.split(x_rot, [half, rot_dim - half], axis=-1)
+  rot = jnp.concatenate([-x2, x1], axis=-1)
   out = x_rot * cos[:, :, None, :] + rot * sin[:, :, None, :]
   return out if x_pass is None else jnp.concatenate([out, x_pass], axis=-1)

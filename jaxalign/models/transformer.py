@@ -232,8 +232,9 @@ class Transformer(nnx.Module):
         kv_out = tuple(tuple(x[i] for i in range(cfg.num_layers)) for x in kv_out)
     else:  # Unrolled; the cache is updated in place per layer (no per-token copy of the whole cache).
       ks, vs, per_layer = [], [], []
+      layers = layers if layers is not None else unstack_layers(layer_params, cfg.num_layers)
       for i in range(cfg.num_layers):
-        p_i = layers[i] if layers is not None else _layer(layer_params, i)
+        p_i = layers[i]
         kv = None if cache is None else (cache.k_BKHS[i], cache.v_BKSH[i])
         x_BTD, (kv, st) = body(x_BTD, (p_i, (windows_L[i], rope_L[i]), kv))
         per_layer.append(st)
@@ -483,14 +484,21 @@ def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
   return nnx.to_pure_dict(state)
 
 
-def _layer(stacked: dict, i: int) -> dict:
-  return jax.tree.map(lambda a: a[i], stacked)
+def unstack_layers(stacked: dict, n: int) -> list[dict]:
+  """The stacked [L, ...] layer params as n per-layer pytrees, by one `lax.split` per array.
+
+  Why not `a[i]` per layer: the gradient of a slice is the full [L, ...] array zero-padded around it, so the
+  stacked gradient was built from L (2L when the layers run twice, as in GRPO's prompt + response passes)
+  full-size padded arrays added up, and XLA re-added them inside each optimizer fusion that reads the gradient.
+  A split's gradient is one concatenate."""
+  parts = jax.tree.map(lambda a: [p.reshape(a.shape[1:]) for p in jax.lax.split(a, [1] * n, axis=0)], stacked)
+  is_list = lambda x: isinstance(x, list)  # noqa: E731
+  return [jax.tree.map(lambda ps: ps[i], parts, is_leaf=is_list) for i in range(n)]
 
 
 def layer_list(model: Transformer) -> list[dict]:
   """The stacked layer params sliced per layer (for `layers=`; slice once, outside a decode loop)."""
-  stacked = {name: p[...] for name, p in model.layers.items()}
-  return [_layer(stacked, i) for i in range(model.cfg.num_layers)]
+  return unstack_layers({name: p[...] for name, p in model.layers.items()}, model.cfg.num_layers)
 
 
 def bind(cfg: ModelConfig, params: dict) -> Transformer:
