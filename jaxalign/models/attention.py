@@ -198,7 +198,7 @@ def blockwise_causal(kernel, q_BTNH, k_BSKH, v_BSKH, mask_BTS):
     return kernel(q_BTNH, k_BSKH, v_BSKH, mask_BTS)
   # Blocks by split and prefixes by concatenating them: the gradients are then block-sized adds and one
   # concatenate, where slicing (q[:, a:e], k[:, :e]) transposes to a zero-padded [B, T, ...] array per block,
-  # all summed (the bench SFT step: 94 -> 34 pads, with unstack_layers).
+  # all summed (with transformer.unstack_layers and rope.apply splitting too, the bench SFT step: 94 -> 2 pads).
   sizes = [e - a for a, e in blocks]
   q_blocks = jax.lax.split(q_BTNH, sizes, axis=1)
   k_blocks, v_blocks = jax.lax.split(k_BSKH, sizes, axis=1), jax.lax.split(v_BSKH, sizes, axis=1)
