@@ -28,7 +28,9 @@ def _ppo_cfg(task_sft, task_rm, **kw):
 
 def test_ppo_raises_model_and_gold_reward_with_kl_controlled(task_sft, task_rm, tmp_path):
   wd = str(tmp_path / "ppo")
-  stages.train(_ppo_cfg(task_sft, task_rm, train__steps=30, eval__every=30, ppo__target_kl=1.0,
+  # A target the policy's KL passes within a few steps: with 1.0 the KL hovered at the target for most of the
+  # run and the coefficient's direction was a coin flip between numerically different runs.
+  stages.train(_ppo_cfg(task_sft, task_rm, train__steps=30, eval__every=30, ppo__target_kl=0.25,
                             ppo__kl_horizon=200), wd)
   ev = _rows(wd, "eval")
   first, last = ev[0], ev[-1]
@@ -41,6 +43,7 @@ def test_ppo_raises_model_and_gold_reward_with_kl_controlled(task_sft, task_rm, 
   train = _rows(wd, "train")
   assert all(np.isfinite(r["kl"]) for r in train)
   # KL above target -> the adaptive controller raised the coefficient.
+  assert np.mean([r["kl"] for r in train]) > 0.25
   assert train[-1]["kl_coef"] > train[0]["kl_coef"]
   assert _rows(wd, "summary")[0]["compiles"] == 1
   assert os.path.exists(os.path.join(wd, "eval_samples.jsonl"))
