@@ -374,17 +374,17 @@ def _block(cfg: ModelConfig, p: dict[str, Any], x_BTD, sin_BTH, cos_BTH, mask_ar
       w = _c(w, ("act_embed", "act_heads", None))
     return w
 
+  def with_lora(y, x, name):
+    """y = x . p[name], plus the LoRA delta when adapters are on."""
+    return y + lora.delta(cfg, p, name, x) if use_lora and f"lora_a_{name}" in p else y
+
   def proj(x, name, contract: int = 1):
-    """x . p[name] over x's `contract` trailing dims (plus the LoRA delta when adapters are on)."""
-    y = dense(x, c(name), contract=contract)
-    if use_lora and f"lora_a_{name}" in p:
-      y = y + lora.delta(cfg, p, name, x)
-    return y
+    """x . p[name] over x's `contract` trailing dims."""
+    return with_lora(dense(x, c(name), contract=contract), x, name)
 
   def projs(x, names):
-    """x . p[name] for each name, as dense_many computes them (plus each LoRA delta)."""
-    ys = dense_many(x, [c(n) for n in names])
-    return [y + lora.delta(cfg, p, n, x) if use_lora and f"lora_a_{n}" in p else y for y, n in zip(ys, names)]
+    """x . p[name] for each name, as dense_many computes them."""
+    return [with_lora(y, x, n) for y, n in zip(dense_many(x, [c(n) for n in names]), names)]
 
   h_BTD = rms_norm(x_BTD, p["attn_norm"], cfg) if cfg.pre_norms else x_BTD
   q_BTNH, k_BTKH, v_BTKH = projs(h_BTD, ("wq", "wk", "wv"))
