@@ -22,6 +22,25 @@ from jaxalign import compile_cache  # noqa: E402
 compile_cache.enable()
 
 
+def pytest_xdist_auto_num_workers(config):
+  """How many workers `-n auto` (pyproject.toml) starts. One process leaves a core idle for a third of the
+  suite (XLA compiles on one thread; subprocess runs start Python and JAX on one): two workers on 2 cores fill
+  it. Past four, each more worker only builds the session fixtures again."""
+  return max(1, min(4, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(items):
+  """Longest first (`@pytest.mark.slow(seconds)`, the seconds it takes alone on 2 cores): spread over workers,
+  the minute-long subprocess runs start at once instead of leaving one worker on them alone at the end. The
+  sort is stable, so a module's tests stay together (its module fixtures are set up once)."""
+
+  def seconds(item):
+    mark = item.get_closest_marker("slow")
+    return -(mark.args[0] if mark and mark.args else 0)
+
+  items.sort(key=seconds)
+
+
 @pytest.fixture(scope="session")
 def hf_factory(tmp_path_factory):
   """Builds (and caches) a random-weight HF model directory for a family name."""

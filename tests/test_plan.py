@@ -118,6 +118,7 @@ def _whole_model_seconds(model_dir, layers, **overrides) -> float:
     return plan._program_times(cfg, mesh, ["layer"] * layers, True)["train_step"][0]
 
 
+@pytest.mark.slow(45)
 def test_plan_of_a_mixture_of_experts_model_over_an_expert_axis(tmp_path):
   """A Qwen3-MoE-shaped model for v5p-8 with its experts over a 2-way expert axis: params and moments split
   over expert x fsdp, the compiled step runs megablox grouped matmuls and splash attention, and the step time
@@ -139,6 +140,7 @@ def test_plan_of_a_mixture_of_experts_model_over_an_expert_axis(tmp_path):
   assert row["step_seconds"] == pytest.approx(whole, rel=0.05)
 
 
+@pytest.mark.slow(50)
 def test_plan_of_a_model_mixing_sliding_and_global_layers(tmp_path):
   """Gemma 3's sliding and global layers are priced by kind: the first layer, then each kind's margin times
   its count, near the plan's own --step_time=unrolled (the whole model compiled unrolled)."""

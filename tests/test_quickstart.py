@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow(300)
 def test_pipeline_raises_gold_reward_over_sft(tmp_path):
   wd = str(tmp_path / "qs")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # One CPU device, as on a laptop.
@@ -45,6 +48,7 @@ def test_pipeline_refuses_a_bucket_workdir_in_one_line():
   assert not os.path.exists(os.path.join(ROOT, "gs:"))
 
 
+@pytest.mark.slow(170)
 def test_arithmetic_pipeline_grpo_with_a_verifier_beats_sft(tmp_path):
   """The verifiable-reward quickstart: GRPO with the exact-answer verifier raises held-out accuracy above the
   SFT policy's (which imitated demonstrations with slips); pass@k, truncation and length are reported."""

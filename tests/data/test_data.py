@@ -12,6 +12,8 @@ from jaxalign.data.sources import DataError
 from tests import fixtures
 from tests.conftest import load_config
 
+pytestmark = pytest.mark.xdist_group("data")  # Its module fixture is built once.
+
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):

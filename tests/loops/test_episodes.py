@@ -19,6 +19,8 @@ from jaxalign.rewards import environments
 from jaxalign.steps import grpo as grpo_steps
 from jaxalign.steps import policy
 
+pytestmark = pytest.mark.xdist_group("episodes")  # Its module fixture is built once.
+
 CFG = preset("tiny")
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -69,6 +70,7 @@ def _check_pair(args, tmp_path, name, steps, more, extra=()):
   return la, la2
 
 
+@pytest.mark.slow(150)
 def test_sft_two_processes_match_one_and_restore_each_other(tiny, tmp_path):
   """An MoE SFT run (Qwen3-MoE) with experts over a 4-way expert axis spanning both processes (2 experts per
   device; tokens gathered and reduce-scattered across processes) equals one process x 8 devices, and each
@@ -98,6 +100,7 @@ def _online_pair(args, tmp_path, name, keys):
                                err_msg=f"{split}/{key}")
 
 
+@pytest.mark.slow(110)
 def test_ppo_two_processes_match_one(task_sft, task_rm, tmp_path):
   args = ["--config=configs/ppo.py:tiny", f"--config.model.init={task_sft['sft']}", f"--config.reward.init={task_rm}",
           f"--config.data.train={task_sft['prompts_train']}", f"--config.data.eval={task_sft['prompts_eval']}",
@@ -106,6 +109,7 @@ def test_ppo_two_processes_match_one(task_sft, task_rm, tmp_path):
                                        ("train", "score"), ("eval", "reward/gold_reward_fn"), ("eval", "kl")])
 
 
+@pytest.mark.slow(110)
 def test_grpo_two_processes_match_one(task_sft, task_rm, tmp_path):
   # Reward model and a Python reward function: each process decodes and scores its own rows.
   args = ["--config=configs/grpo.py:tiny", f"--config.model.init={task_sft['sft']}", f"--config.reward.init={task_rm}",

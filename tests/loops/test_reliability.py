@@ -20,6 +20,7 @@ from jaxalign.models.config import preset
 from tests.conftest import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = [pytest.mark.slow(100), pytest.mark.xdist_group("reliability")]
 # This module's own compilation cache, empty at the start: the straight run compiles everything and the
 # later runs of the same shapes load it (asserted below).
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",

@@ -18,6 +18,7 @@ from tests import gcs
 from tests.fixtures import WORDS, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = [pytest.mark.slow(170), pytest.mark.xdist_group("gcs")]
 STEPS = 16
 
 

@@ -6,6 +6,8 @@ import pytest
 
 from jaxalign import paths
 
+pytestmark = pytest.mark.xdist_group("gcs")  # One emulator per worker: with test_gcs_runs.py.
+
 
 def test_write_read_join_and_exists(gcs_url):
   d = "gs://bucket/paths/a"
