@@ -12,6 +12,7 @@ reclaim the space.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 
 import jax
@@ -47,6 +48,20 @@ def enable() -> str | None:
   jax.config.update("jax_compilation_cache_dir", d)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
   return d
+
+
+@contextlib.contextmanager
+def no_new_entries():
+  """Writes nothing to the persistent cache while inside. Programs compiled for a TPU topology on a host
+  without a TPU (the compile plan) serialise but can never be loaded back: a later plan of the same shapes
+  would read each such entry, warn that it cannot deserialise it, and compile anyway."""
+  key = "jax_persistent_cache_min_compile_time_secs"
+  old = getattr(jax.config, key)
+  jax.config.update(key, float("inf"))
+  try:
+    yield
+  finally:
+    jax.config.update(key, old)
 
 
 def listen():

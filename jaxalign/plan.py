@@ -24,7 +24,7 @@ import re
 import jax
 import numpy as np
 
-from jaxalign import sharding, topology as topologies
+from jaxalign import compile_cache, sharding, topology as topologies
 from jaxalign.loops import stages
 from jaxalign.models import moe
 
@@ -51,11 +51,18 @@ def compile_plan(config, topology: str = "", num_slices: int = 1, *, extrapolate
   if step_time not in STEP_TIMES:
     raise ValueError(f"step_time={step_time!r}: one of {', '.join(STEP_TIMES)}")
   topo = topologies.parse(topology, num_slices) if topology else None
+  if topo is None:
+    return _plan(config, topo, extrapolate, step_time)
+  with compile_cache.no_new_entries():  # A topology's programs cannot be loaded back without its chips.
+    return _plan(config, topo, extrapolate, step_time)
+
+
+def _plan(config, topo, extrapolate: bool, step_time: str) -> dict:
   mesh = make_mesh(config, topo)
   parts = stages.module(config).build(config, "", mesh=mesh, abstract=True)
   devices = int(mesh.devices.size)
-  out = {"stage": config.stage, "topology": topology or f"local ({jax.devices()[0].platform})",
-         "num_slices": num_slices if topo else 1, "devices": devices, "mesh": dict(mesh.shape),
+  out = {"stage": config.stage, "topology": topo.name if topo else f"local ({jax.devices()[0].platform})",
+         "num_slices": topo.num_slices if topo else 1, "devices": devices, "mesh": dict(mesh.shape),
          "params_total": int(sum(np.prod(x.shape) for x in jax.tree.leaves(parts.state.params))),
          "params_bytes_per_device": per_device_bytes(jax.tree.leaves(parts.state.params)),
          "opt_state_bytes_per_device": per_device_bytes(jax.tree.leaves(parts.state.opt_state)),

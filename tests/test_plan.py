@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -157,5 +158,8 @@ def test_plan_of_a_model_mixing_sliding_and_global_layers(tmp_path):
   assert whole["step_seconds_from"] == "the whole model unrolled (3 layers)"
   assert row["step_seconds"] == pytest.approx(whole["step_seconds"], rel=0.15)
   assert sum(whole["collective_bytes_per_step"].values()) > 0 and 0 < whole["mfu"] < 1
-  bare = _plan(tmp_path, step_time="none")["programs"]["train_step"]  # Memory only: no scanned-once time.
+  with warnings.catch_warnings(record=True) as seen:  # The same program a third time: no unloadable cache entry.
+    warnings.simplefilter("always")
+    bare = _plan(tmp_path, step_time="none")["programs"]["train_step"]  # Memory only: no scanned-once time.
   assert "step_seconds" not in bare and "mfu" not in bare and bare["fits"]
+  assert not [w for w in seen if "persistent compilation cache" in str(w.message)], [str(w.message) for w in seen]
