@@ -2,6 +2,7 @@
 
   python3 bench/run.py                 # everything (PyTorch peers need `pip install -e .[bench]`)
   python3 bench/run.py --only=sft      # one group: sft | pairs | sampler | scaling | peak
+  python3 bench/run.py --paired=sft,online --steps=30   # jaxalign and each peer in lockstep (bench/lockstep.py)
 
 Each contender runs in its own subprocess (separate thread pools), one after another; the parent prints a
 table with medians, min/max and ratios measured in this same run, and writes bench/results.json.
@@ -47,11 +48,17 @@ def _one(fn: str, kwargs: dict):
   return getattr(workloads, fn)(**kwargs)
 
 
-def _spawn(name, fn, kwargs):
+def _command(fn, kwargs):
+  """The contender's subprocess: its command line and environment."""
   cmd = [sys.executable, os.path.abspath(__file__), "--one", fn, "--kwargs", json.dumps(kwargs)]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   if fn.startswith(("jaxalign", "plain_jax")):  # As the launchers run JAX on the CPU (cpu_runtime); the floor too.
     env = cpu_runtime.tuned_environ(env) or env
+  return cmd, env
+
+
+def _spawn(name, fn, kwargs):
+  cmd, env = _command(fn, kwargs)
   t = time.time()
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(HERE))
   if out.returncode != 0:
@@ -62,6 +69,11 @@ def _spawn(name, fn, kwargs):
   print(f"  {name}: {json.dumps(res)} ({time.time() - t:.0f}s)", flush=True)
   return res
 
+
+# --paired: the headline comparisons in lockstep (bench/lockstep.py), each (jaxalign, other) step by step.
+PAIRS = {"sft": [("jaxalign_sft", "torch_sft"), ("jaxalign_sft", "trl_sft")],
+         "pairs": [("jaxalign_dpo", "torch_dpo"), ("jaxalign_dpo", "trl_dpo")],
+         "online": [("jaxalign_grpo", "trl_grpo")]}
 
 ROUNDS = {"peak": 1, "scaling": 1}  # Groups not listed run --rounds times.
 
@@ -206,10 +218,14 @@ def main():
   ap.add_argument("--kwargs", default="{}")
   ap.add_argument("--out", default=os.path.join(HERE, "results.json"))
   ap.add_argument("--rounds", type=int, default=2)
+  ap.add_argument("--paired", default=None, help="groups to run in lockstep instead: sft,pairs,online")
+  ap.add_argument("--steps", type=int, default=30, help="timed steps per contender with --paired")
   a = ap.parse_args()
   if a.one:
     print(json.dumps(_one(a.one, json.loads(a.kwargs))))
     return
+  if a.paired:
+    return paired(a)
   results, probe = {}, []
   for group in a.only.split(","):
     print(f"[{group}]", flush=True)
@@ -230,6 +246,39 @@ def main():
   print(f"{meta['cpu']}, {meta['cpus']} CPUs, {meta['time']}: {meta['command']}")
   print(f"JAX contenders' allocator (as the launchers set it, jaxalign.cpu_runtime): {meta['jax_allocator']}")
   print("\n".join(report(results) + per_round(results) + [""] + spread(results)))
+
+
+def paired(a):
+  """--paired: each of the group's (jaxalign, other) comparisons in lockstep; prints and writes the per-pair
+  ratios with each side's step spread."""
+  import numpy as np
+  from bench import lockstep
+  kinds = {name: (fn, kw) for group in JOBS.values() for name, fn, kw in group}
+  rows, out = [], {}
+  for group in a.paired.split(","):
+    for x, y in PAIRS[group]:
+      t = time.time()
+      res = lockstep.pair(*(_command(kinds[n][0], {**kinds[n][1], "steps": a.steps}) for n in (x, y)))
+      out[f"{x} vs {y}"] = res
+      r = res.get("ratio")
+      if not r:
+        print(f"  {x} vs {y}: not measured ({res['a'] if isinstance(res['a'], str) else res['b']})", flush=True)
+        continue
+      print(f"  {x} vs {y}: {r['median']:.2f}x ({time.time() - t:.0f}s)", flush=True)
+      rows.append(f"| {x} vs {y} | {r['n']} | **{r['median']:.2f}x** ({r['q25']:.2f}-{r['q75']:.2f}) | "
+                  f"{r['a_faster']:.0%} | " + " | ".join(
+                      f"{np.min(v['times']):.3f} / {np.median(v['times']):.3f} / {np.percentile(v['times'], 90):.3f}"
+                      for v in (res["a"], res["b"])) + " |")
+  import platform
+  meta = {"machine": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count(), "time": time.strftime(
+      "%Y-%m-%d %H:%M"), "command": f"python3 bench/run.py --paired={a.paired} --steps={a.steps}"}
+  with open(a.out, "w") as f:
+    json.dump({"meta": meta, "paired": out}, f, indent=2)
+  print(f"{meta['cpu']}, {meta['cpus']} CPUs, {meta['time']}: {meta['command']}")
+  print("| comparison (in lockstep) | step pairs | other / jaxalign per pair: median (quartiles) | pairs jaxalign "
+        "won | jaxalign min / median / p90 (s) | other min / median / p90 (s) |")
+  print("|---|---|---|---|---|---|")
+  print("\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Each function returns {'median_s', 'min_s', 'max_s', 'compile_s', ...} for the t
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 import numpy as np
@@ -21,6 +22,17 @@ def _stats(times, compile_s=None, **extra):
           "n": len(times), "compile_s": compile_s, "times": [float(x) for x in t], **extra}
 
 
+def _gate():
+  """Wait for this contender's turn: `bench/run.py --paired` runs two contenders in lockstep, one step each in
+  turn (bench/lockstep.py), and passes the two ends of its pipes in $JAXALIGN_BENCH_GATE. A no-op otherwise."""
+  fds = os.environ.get("JAXALIGN_BENCH_GATE")
+  if fds:
+    go, ready = map(int, fds.split(","))
+    os.write(ready, b"r")
+    if not os.read(go, 1):
+      raise SystemExit("bench: the lockstep parent is gone")
+
+
 def _timed(step, carry, steps: int):
   """Compile (first call), 2 warm-up calls, then `steps` timed calls of `carry, loss = step(carry)`.
   Returns (compile seconds, per-step seconds, last loss)."""
@@ -31,6 +43,7 @@ def _timed(step, carry, steps: int):
   compile_s = time.perf_counter() - t
   times = []
   for i in range(steps + 2):
+    _gate()
     t = time.perf_counter()
     carry, loss = step(carry)
     jax.block_until_ready(loss)
@@ -280,6 +293,7 @@ def torch_sft(steps=12, seq=SEQ, batch=BATCH):
 
   times = []
   for i in range(steps + 2):
+    _gate()
     t = time.perf_counter()
     step()
     if i >= 2:
@@ -312,6 +326,7 @@ def torch_dpo(steps=10):
 
   times = []
   for i in range(steps + 2):
+    _gate()
     t = time.perf_counter()
     step()
     if i >= 2:
@@ -359,6 +374,7 @@ class _StepTimer:
 
     class CB(transformers.TrainerCallback):
       def on_step_begin(self, *a, **k):
+        _gate()
         outer.t = time.perf_counter()
 
       def on_step_end(self, *a, **k):
