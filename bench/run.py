@@ -211,6 +211,15 @@ def _ratio(a, b):
   return "-" if a is None or b is None else f"{a / b:.2f}x"
 
 
+def _meta(command: str) -> dict:
+  """Where and how a run was measured: the machine, its CPU, the JAX contenders' allocator, time, command."""
+  import platform
+  tuned = cpu_runtime.tuned_environ(dict(os.environ))  # what _command gives the JAX contenders
+  return {"machine": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count(),
+          "jax_allocator": tuned["GLIBC_TUNABLES"] if tuned else "as the environment gives it",
+          "time": time.strftime("%Y-%m-%d %H:%M"), "command": command}
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--only", default="peak,sft,pairs,online,sampler,scaling")
@@ -236,11 +245,7 @@ def main():
         runs[name].append(_spawn(name, fn, kw))
     results.update({name: _pool(rs) for name, rs in runs.items()})
   results["machine_probe"] = {"n": 768, "times": probe}
-  import platform
-  tuned = cpu_runtime.tuned_environ(dict(os.environ))  # what _spawn gives the JAX contenders
-  meta = {"machine": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count(),
-          "jax_allocator": tuned["GLIBC_TUNABLES"] if tuned else "as the environment gives it",
-          "time": time.strftime("%Y-%m-%d %H:%M"), "command": f"python3 bench/run.py --only={a.only} --rounds={a.rounds}"}
+  meta = _meta(f"python3 bench/run.py --only={a.only} --rounds={a.rounds}")
   with open(a.out, "w") as f:
     json.dump({"meta": meta, "results": results}, f, indent=2)
   print(f"{meta['cpu']}, {meta['cpus']} CPUs, {meta['time']}: {meta['command']}")
@@ -269,9 +274,7 @@ def paired(a):
                   f"{r['a_faster']:.0%} | " + " | ".join(
                       f"{np.min(v['times']):.3f} / {np.median(v['times']):.3f} / {np.percentile(v['times'], 90):.3f}"
                       for v in (res["a"], res["b"])) + " |")
-  import platform
-  meta = {"machine": platform.machine(), "cpu": cpu_model(), "cpus": os.cpu_count(), "time": time.strftime(
-      "%Y-%m-%d %H:%M"), "command": f"python3 bench/run.py --paired={a.paired} --steps={a.steps}"}
+  meta = _meta(f"python3 bench/run.py --paired={a.paired} --steps={a.steps}")
   with open(a.out, "w") as f:
     json.dump({"meta": meta, "paired": out}, f, indent=2)
   print(f"{meta['cpu']}, {meta['cpus']} CPUs, {meta['time']}: {meta['command']}")
